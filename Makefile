@@ -1,0 +1,37 @@
+# Two commands: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medunic-installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export WANDB_SILENT := true
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup-venv.sh
+	bash scripts/setup-venv.sh $(VENV)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/medunic demo
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/data_pipeline.py
+
+clean:
+	rm -rf runs cache data/synthetic wandb .pytest_cache

@@ -1,0 +1,65 @@
+"""The ``medunic`` command: sub-commands are plugins found through entry points.
+
+Each entry of the ``medunic.commands`` group in pyproject.toml names a function
+``register(subparsers)`` that adds one sub-command whose parser sets ``func``. This keeps
+``medunic_core`` free of imports of the packages built on it (server, client, simulation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+from typing import Callable, Optional, Sequence
+
+from medunic_core.errors import MedunicError
+
+# Offline and quiet by default: hospitals and CI have no hub access and no wandb login.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def add_config_args(parser: argparse.ArgumentParser, preset: Optional[str] = "tiny") -> None:
+    """The arguments every config-driven sub-command shares: a preset and key=value overrides."""
+    parser.add_argument("--preset", default=preset, help="configs/presets/NAME.yaml (default: %(default)s)")
+    parser.add_argument("--config", default=None, help="a saved config YAML instead of a preset")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medunic", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for ep in sorted(entry_points(group="medunic.commands"), key=lambda e: e.name):
+        register: Callable[[argparse._SubParsersAction], None] = ep.load()
+        register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MedunicError as exc:
+        print(f"medunic {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Typed configuration: one omegaconf structured schema, presets as YAML in ``configs/``.
+
+Every Med-UniC constant (temperature, lambda, P_d width, the loss scalings) is a named
+field here, never a literal in code, so the variants of the public code can be reproduced
+with ``key=value`` overrides. Unknown keys and wrong types are errors, not silent defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from medunic_core.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESET_DIR = CONFIG_DIR / "presets"
+
+
+@dataclass
+class ImageConfig:
+    name: str = "vit_base_patch16_224"  # any timm model name; ViTs pool [CLS], CNNs average
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (img_size, depth...)
+    checkpoint: Optional[str] = None  # local timm state dict, loaded strictly
+    size: int = 224  # side of the random crop fed to the encoder
+    cache_size: int = 256  # side of the preprocessed image cached on disk (paper: 256)
+    mean: float = 0.5
+    std: float = 0.5
+
+
+@dataclass
+class TextConfig:
+    pretrained: Optional[str] = None  # local HF folder (e.g. CXR-BERT); None builds from below
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_length: int = 256
+    dropout: float = 0.1  # stays on in training: CTR needs two dropout views of a report
+    freeze_embeddings: bool = True
+    freeze_layers: int = 9  # paper: embeddings + layers 0-8 of 12 frozen
+
+
+@dataclass
+class HeadConfig:
+    hidden_dim: int = 2048
+    embed_dim: int = 512  # output of P_V and P_l
+    ctr_dim: int = 1024  # D, output of P_d (the released script used 512)
+
+
+@dataclass
+class ModelConfig:
+    image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.07
+    cvl_weight: float = 1.0
+    ssv_weight: float = 1.0
+    ctr: bool = True  # CTR on/off (off skips the second text pass)
+    ctr_weight: float = 1.0
+    ctr_lambda: float = 0.0051  # weight of the off-diagonal terms of L_TF and L_TT
+    tf_denom: float = 2.0  # L_TF = raw / (tf_denom * D)
+    tt_denom: float = 100.0  # L_TT = raw / (tt_denom * N); paper: 2N * 50
+    use_tt: bool = True
+
+
+@dataclass
+class VocabConfig:
+    base: Optional[str] = None  # local HF tokenizer folder to extend; None trains WordPiece
+    vocab_size: int = 30522  # size of a WordPiece vocabulary trained from the corpus
+    max_new_tokens: int = 5150  # whole-word tokens added to a base vocabulary
+    min_df: int = 2  # a candidate token must occur in at least this many reports
+    extend_lang: str = "es"  # community whose frequent tokens extend the base vocabulary
+    lowercase: bool = True
+
+
+@dataclass
+class SiteConfig:
+    name: str = "en-1"
+    lang: str = "en"
+    n: int = 200
+    profile: str = "default"  # acquisition profile of the synthetic generator
+
+
+@dataclass
+class SynthConfig:
+    out: str = "data/synthetic"
+    seed: int = 0
+    image_size: int = 256
+    dicom_fraction: float = 0.25  # share of images written as DICOM instead of PNG
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    sites: list[SiteConfig] = field(
+        default_factory=lambda: [
+            SiteConfig(name="en-1", lang="en", n=600, profile="default"),
+            SiteConfig(name="es-1", lang="es", n=600, profile="portable"),
+        ]
+    )
+
+
+@dataclass
+class DataConfig:
+    manifest: str = "data/synthetic/manifest.jsonl"
+    cache_dir: str = "cache/images"
+    langs: list[str] = field(default_factory=lambda: ["en", "es"])
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    tokenizer: Optional[str] = None  # tokenizer folder; None builds one in out_dir/tokenizer
+    epochs: int = 50
+    max_steps: int = -1  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 32
+    accum_steps: int = 4
+    lr: float = 4e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    amp: bool = True  # only on CUDA (fp16 autocast with a grad scaler)
+    seed: int = 42
+    device: str = "auto"
+    log_every: int = 10
+    ckpt_every: int = 100  # optimizer steps between checkpoints
+    resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 64
+    probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    probe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    retrieval_k: list[int] = field(default_factory=lambda: [1, 5])
+    tsne: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_project: str = "medunic"
+    wandb_mode: str = "offline"  # never asks for a login; "online" only when asked for
+
+
+@dataclass
+class MedUniCConfig:
+    preset: str = "base"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets in ``configs/presets``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full))
+    return keys
+
+
+def _config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError):
+        known = _all_keys(OmegaConf.structured(MedUniCConfig))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    return ConfigError(f"{source}: bad value for '{key}': {str(exc).splitlines()[0]}")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _config_error(exc, source) from exc
+
+
+def load_config(
+    preset: Optional[str] = "tiny",
+    overrides: Optional[list[str]] = None,
+    config_file: Optional[str | Path] = None,
+) -> MedUniCConfig:
+    """Schema defaults, then a preset (or a saved config file), then ``key=value`` overrides.
+
+    Returns a typed, read-only DictConfig that behaves like :class:`MedUniCConfig`.
+    """
+    cfg = OmegaConf.structured(MedUniCConfig)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    elif preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(preset, list_presets(), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"unknown preset '{preset}'; {hint}available: {', '.join(list_presets())}"
+            )
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg.preset = preset
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]
+
+
+def save_config(cfg: MedUniCConfig, path: str | Path) -> None:
+    """Write the fully resolved config as YAML, so a run can be re-created exactly."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+def to_dict(cfg: MedUniCConfig) -> dict[str, Any]:
+    """Plain nested dict (for JSON, wandb and Flower run configs)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,23 @@
+"""Names shared by writers and readers of files, so that they cannot drift apart."""
+
+from __future__ import annotations
+
+LANGUAGES: tuple[str, ...] = ("en", "es")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Findings of the synthetic generator and of the zero-shot prompts (CheXpert-style names).
+FINDINGS: tuple[str, ...] = (
+    "cardiomegaly",
+    "pleural_effusion",
+    "pneumothorax",
+    "consolidation",
+    "nodule",
+    "edema",
+)
+
+MANIFEST_FIELDS: tuple[str, ...] = ("id", "image_path", "report", "lang", "split", "site", "labels")
+
+VOCAB_SHA_FILE = "vocab.sha256"
+CONFIG_FILE = "medunic_config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"

@@ -1,0 +1,194 @@
+"""The one manifest format every dataset is turned into.
+
+A manifest is a JSONL (or CSV) table with one row per image/report pair:
+``id, image_path, report, lang, split, site, labels``. ``image_path`` is relative to the
+manifest's folder (or absolute); ``labels`` maps a finding name to 1 (present) or 0
+(absent); a finding that is not listed is unknown. In CSV, ``labels`` is a JSON object.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+from medunic_core.constants import LANGUAGES, MANIFEST_FIELDS, SPLITS
+from medunic_core.errors import SiteDataError
+
+REQUIRED_FIELDS = ("id", "image_path", "report", "lang", "split")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image/report pair. ``image_path`` is absolute once read through this module."""
+
+    id: str
+    image_path: str
+    report: str
+    lang: str
+    split: str
+    site: str = ""
+    labels: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finding_set(self) -> frozenset[str]:
+        """Positive findings: the ground truth that makes two reports 'the same'."""
+        return frozenset(k for k, v in self.labels.items() if v == 1)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A manifest row that cannot be used, with the reason a person can act on."""
+
+    row: int  # 1-based data row number (header excluded)
+    id: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"row {self.row} (id={self.id or '?'}): {self.message}"
+
+
+def _parse_labels(value: object) -> dict[str, int]:
+    if value in (None, ""):
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"labels must be a JSON object of finding -> 0/1, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if v not in (0, 1):
+            raise ValueError(f"label {k!r} must be 0 or 1, got {v!r}")
+        out[str(k)] = int(v)
+    return out
+
+
+def _rows(path: Path) -> Iterable[dict]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield {"__error__": f"line {i} is not valid JSON: {exc.msg}"}
+    elif path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
+            if missing:
+                raise SiteDataError(f"{path}: missing columns {missing}; need {list(MANIFEST_FIELDS)}")
+            yield from reader
+    else:
+        raise SiteDataError(f"{path}: a manifest must be .jsonl or .csv")
+
+
+def parse_manifest(
+    path: str | Path, langs: Optional[Iterable[str]] = None
+) -> tuple[list[Record], list[RowProblem]]:
+    """Read a manifest, keeping good rows and describing every bad one.
+
+    Checks: required fields present, non-empty report, known language and split,
+    unique ids, well-formed labels. Image files are not opened here (see ``client check``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SiteDataError(f"manifest {path} does not exist")
+    allowed_langs = set(langs or LANGUAGES)
+    records: list[Record] = []
+    problems: list[RowProblem] = []
+    seen: set[str] = set()
+    for row_no, row in enumerate(_rows(path), start=1):
+        rid = str(row.get("id") or "")
+        if "__error__" in row:
+            problems.append(RowProblem(row_no, rid, row["__error__"]))
+            continue
+        missing = [f for f in REQUIRED_FIELDS if f != "report" and not str(row.get(f) or "").strip()]
+        if missing:
+            problems.append(RowProblem(row_no, rid, f"missing {', '.join(missing)}"))
+            continue
+        report = str(row.get("report") or "").strip()
+        if not report or report.lower() == "nan":
+            problems.append(RowProblem(row_no, rid, "empty report; fix or drop the row"))
+            continue
+        lang, split = str(row["lang"]).strip(), str(row["split"]).strip()
+        if lang not in allowed_langs:
+            problems.append(RowProblem(row_no, rid, f"language {lang!r} not in {sorted(allowed_langs)}"))
+            continue
+        if split not in SPLITS:
+            problems.append(RowProblem(row_no, rid, f"split {split!r} not in {list(SPLITS)}"))
+            continue
+        if rid in seen:
+            problems.append(RowProblem(row_no, rid, "duplicate id"))
+            continue
+        try:
+            labels = _parse_labels(row.get("labels"))
+        except (ValueError, json.JSONDecodeError) as exc:
+            problems.append(RowProblem(row_no, rid, f"bad labels: {exc}"))
+            continue
+        image = Path(str(row["image_path"]))
+        if not image.is_absolute():
+            image = path.parent / image
+        seen.add(rid)
+        records.append(
+            Record(rid, str(image), report, lang, split, str(row.get("site") or ""), labels)
+        )
+    return records, problems
+
+
+def read_manifest(
+    path: str | Path,
+    langs: Optional[Iterable[str]] = None,
+    split: Optional[str] = None,
+    max_bad_fraction: float = 0.0,
+) -> list[Record]:
+    """Read a manifest for training; bad rows are reported and refused beyond a share.
+
+    Raises :class:`SiteDataError` naming the rows when more than ``max_bad_fraction`` of
+    them are bad, so that nothing ever trains on garbage silently.
+    """
+    records, problems = parse_manifest(path, langs)
+    total = len(records) + len(problems)
+    if total == 0:
+        raise SiteDataError(f"manifest {path} has no rows")
+    if problems and len(problems) / total > max_bad_fraction:
+        shown = "\n  ".join(str(p) for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SiteDataError(
+            f"manifest {path}: {len(problems)} of {total} rows are bad:\n  {shown}{more}"
+        )
+    if split is not None:
+        records = [r for r in records if r.split == split]
+    return records
+
+
+def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
+    """Write records as JSONL (or CSV by suffix) with image paths relative to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rec in records:
+        row = asdict(rec)
+        image = Path(rec.image_path)
+        if image.is_absolute():
+            try:
+                row["image_path"] = str(image.relative_to(path.parent.resolve()))
+            except ValueError:
+                pass
+        rows.append(row)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if path.suffix == ".csv":
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_FIELDS))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "labels": json.dumps(row["labels"], sort_keys=True)})
+    else:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,33 @@
+"""Med-UniC losses: L = w_cvl L_CVL + w_ssv L_SSV + w_ctr (L_TF + L_TT)."""
+
+from __future__ import annotations
+
+import torch
+
+from medunic_core.config import LossConfig
+from medunic_core.losses.contrastive import infonce
+from medunic_core.losses.ctr import tf_loss, tt_loss
+
+__all__ = ["infonce", "tf_loss", "tt_loss", "medunic_loss"]
+
+
+def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Named loss parts from the model's embeddings, plus their weighted sum ``loss``.
+
+    Every part is returned (also with weight 0) so that logs always show the same keys.
+    """
+    parts = {
+        "cvl_loss": infonce(out["image"], out["text"], cfg.temperature),
+        "ssv_loss": infonce(out["image"], out["image_strong"], cfg.temperature),
+    }
+    total = cfg.cvl_weight * parts["cvl_loss"] + cfg.ssv_weight * parts["ssv_loss"]
+    if cfg.ctr:
+        parts["tf_loss"] = tf_loss(out["ctr_a"], out["ctr_b"], cfg.ctr_lambda, cfg.tf_denom)
+        ctr = parts["tf_loss"]
+        if cfg.use_tt:
+            parts["tt_loss"] = tt_loss(out["ctr_a"], out["ctr_b"], cfg.ctr_lambda, cfg.tt_denom)
+            ctr = ctr + parts["tt_loss"]
+        parts["ctr_loss"] = ctr
+        total = total + cfg.ctr_weight * ctr
+    parts["loss"] = total
+    return parts

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install medunic with the right torch build.
+#
+# - With an NVIDIA GPU: keep a CUDA torch that is already installed, else install the
+#   default (CUDA) build from the package index.
+# - Without a GPU: torch 2.14.1 + torchvision 0.29.1, taken from this machine's local
+#   wheel store when it has one. timm needs a working torchvision, and PyPI's torchvision
+#   0.28.0 (the match of the CPU-only torch 2.13.0 wheel) links CUDA libraries that the
+#   CPU wheel lacks and fails at import ("operator torchvision::nms does not exist").
+# Afterwards torch/torchvision are pinned by a constraints file so that no other package
+# can pull a different (multi-GB) build.
+set -euo pipefail
+VENV=${1:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+    echo "[setup] keeping installed torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] GPU found: installing the CUDA build of torch"
+    $PIP install -q torch torchvision
+else
+    echo "[setup] no GPU: installing torch 2.14.1 / torchvision 0.29.1 (runs on CPU)"
+    $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+CONSTRAINTS="$VENV/torch-constraints.txt"
+"$VENV/bin/python" - > "$CONSTRAINTS" <<'PYEOF'
+import torch, torchvision
+print(f"torch=={torch.__version__}")
+print(f"torchvision=={torchvision.__version__}")
+PYEOF
+$PIP install -q -c "$CONSTRAINTS" -e ".[dev]"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, flwr, timm, transformers; print("torch", torch.__version__, "flwr", flwr.__version__, "timm", timm.__version__, "transformers", transformers.__version__)')"
