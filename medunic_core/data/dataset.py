@@ -1,0 +1,148 @@
+"""Image/report pairs for training and evaluation, with a resumable, sharded sampler.
+
+Randomness of the views comes from a generator seeded by (seed, epoch, index), not from a
+worker's RNG, so that a resumed run sees exactly the views it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm.auto import tqdm
+
+from medunic_core.data.manifest import Record, RowProblem
+from medunic_core.data.preprocess import ImageCache
+from medunic_core.data.transforms import TwoViewTransform, eval_transform
+from medunic_core.errors import MedunicError, SiteDataError
+
+log = logging.getLogger(__name__)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct, reproducible 63-bit seed per (run seed, epoch, sample)."""
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729 + 0x9E3779B9) % (2**63 - 1)
+
+
+def prepare_images(
+    records: Sequence[Record],
+    cache: ImageCache,
+    max_bad_fraction: float = 0.0,
+    progress: bool = True,
+) -> tuple[list[Record], list[RowProblem]]:
+    """Decode and cache every image once, so bad files are found before training starts.
+
+    Unreadable images are listed by file name and left out; more than
+    ``max_bad_fraction`` of them stops the run instead of training on what is left.
+    """
+    good: list[Record] = []
+    problems: list[RowProblem] = []
+    for row, rec in enumerate(tqdm(records, desc="caching images", disable=not progress), start=1):
+        try:
+            cache.get(rec.image_path)
+        except MedunicError as exc:
+            problems.append(RowProblem(row, rec.id, str(exc)))
+            continue
+        good.append(rec)
+    if problems:
+        for p in problems[:20]:
+            log.warning("skipping %s", p)
+        if len(problems) / max(len(records), 1) > max_bad_fraction:
+            shown = "\n  ".join(str(p) for p in problems[:20])
+            raise SiteDataError(f"{len(problems)} of {len(records)} images are unreadable:\n  {shown}")
+    return good, problems
+
+
+class PairDataset(Dataset):
+    """Training pairs: item ``(epoch, index)`` -> two image views and the report text."""
+
+    def __init__(self, records: Sequence[Record], cache: ImageCache, transform: TwoViewTransform, seed: int) -> None:
+        self.records = list(records)
+        self.cache = cache
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        rec = self.records[index]
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        weak, strong = self.transform(self.cache.get(rec.image_path), generator)
+        return {"image": weak, "image_strong": strong, "report": rec.report, "lang": rec.lang, "index": index}
+
+
+class EvalDataset(Dataset):
+    """Evaluation pairs: one deterministic view per image, plus the report and labels."""
+
+    def __init__(self, records: Sequence[Record], cache: ImageCache, size: int, mean: float, std: float) -> None:
+        self.records = list(records)
+        self.cache = cache
+        self.size, self.mean, self.std = size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image = eval_transform(self.cache.get(rec.image_path), self.size, self.mean, self.std)
+        return {"image": image, "report": rec.report, "lang": rec.lang, "index": index}
+
+
+class EpochSampler(Sampler):
+    """Shuffles with (seed, epoch), shards across ranks, and can start mid-epoch.
+
+    Every rank draws the same permutation and takes every ``world_size``-th index, so under
+    torchrun each process reads a different part of the data (the public Med-UniC code let
+    every GPU read the same samples). ``start`` skips the samples this rank already consumed
+    in the epoch, for exact resume.
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        if num_samples < world_size:
+            raise SiteDataError(f"{num_samples} samples cannot be sharded across {world_size} processes")
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.shuffle = shuffle
+        self.epoch, self.start = 0, 0
+        self.per_rank = num_samples // world_size  # drop the tail so every rank has as many
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        shard = order[self.rank : self.per_rank * self.world_size : self.world_size]
+        for index in shard[self.start :]:
+            yield self.epoch, index
+
+
+@dataclass
+class TextCollator:
+    """Pads a batch and tokenizes its reports in one call of the fast tokenizer."""
+
+    tokenizer: Callable
+    max_length: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {key: [it[key] for it in items] for key in items[0]}
+        for key in ("image", "image_strong"):
+            if key in batch:
+                batch[key] = torch.stack(batch[key])
+        batch["index"] = torch.tensor(batch["index"])
+        tokens = self.tokenizer(
+            batch["report"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch["input_ids"] = tokens["input_ids"]
+        batch["attention_mask"] = tokens["attention_mask"]
+        return batch
