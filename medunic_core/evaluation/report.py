@@ -1,0 +1,292 @@
+"""Evaluation results as JSON, Markdown tables, t-SNE plots and run-by-run comparisons.
+
+The ``results`` dict of one evaluated model (every section optional; produced by
+``medunic_core.evaluation.run``)::
+
+    {
+      "meta": {"run": str, "checkpoint": str, "split": str, ...},   # free-form scalars
+      "zeroshot": {lang: zeroshot.zeroshot_metrics(...)},             # e.g. "en", "es"
+      "retrieval": retrieval.cross_lingual_retrieval(...),
+          # {"en->es": {"R@1", "chance@1", "R@5", "chance@5", "n_queries", "n_excluded"},
+          #  "es->en": {...}, "mean": {"R@1", "chance@1", ...}}
+      "bias": {"text": bias.community_bias(...), "image": ...},     # any embedding kinds
+          # each {"lang_mean_dist_over_spread", "silhouette_lang", "lang_id_probe_acc",
+          #       "lang_id_chance", "n_per_lang"}
+      "linear_probe": linear_probe.linear_probe(...),
+          # {fraction: {"mean", "std", "per_seed", "per_finding", "n_train", "notes"}}
+      "tsne": {"text": "tsne_text.png", ...},                        # plots, relative to out_dir
+    }
+
+Fraction keys may be floats or, after a JSON round trip, strings; both are read. Several
+seeds of one variant are compared as a list of such dicts: cells become mean ± std
+(population std over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Collection, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from medunic_core.evaluation.zeroshot import l2_normalize
+
+EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
+COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
+TSNE_MAX_POINTS = 3000  # t-SNE is quadratic; larger sets are subsampled (seeded)
+MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
+
+Results = dict[str, Any]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars to numbers, NaN to null, sets to sorted lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted(to_jsonable(v) for v in obj)
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.3f}" if math.isfinite(value) else "n/a"
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(to_jsonable(value), ensure_ascii=False)
+    return str(value)
+
+
+def _fraction_label(fraction: Union[float, str]) -> str:
+    return f"{float(fraction) * 100:g}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def summary_metrics(results: Results) -> dict[str, Optional[float]]:
+    """The headline numbers of one result as a flat ``{"section/.../metric": value}`` dict.
+
+    Ordered as DESIGN.md ranks them: retrieval (primary), community bias, zero-shot,
+    linear probe. Used for comparison tables and for logging.
+    """
+    out: dict[str, Optional[float]] = {}
+    retrieval = results.get("retrieval", {})
+    for direction, metrics in retrieval.items():
+        for key, value in metrics.items():
+            if key.startswith("R@") or (direction == "mean" and key.startswith("chance@")):
+                out[f"retrieval/{direction}/{key}"] = value
+    for kind, metrics in results.get("bias", {}).items():
+        for key in ("lang_mean_dist_over_spread", "silhouette_lang", "lang_id_probe_acc"):
+            out[f"bias/{kind}/{key}"] = metrics.get(key)
+    for lang, metrics in results.get("zeroshot", {}).items():
+        for key in ("macro_auc", "macro_f1", "accuracy"):
+            out[f"zeroshot/{lang}/{key}"] = metrics.get(key)
+    for fraction, metrics in results.get("linear_probe", {}).items():
+        out[f"linear_probe/{_fraction_label(fraction)}/macro_auc"] = metrics.get("mean")
+    return out
+
+
+def format_eval_markdown(results: Results) -> str:
+    """Markdown tables of one result: zero-shot, retrieval, bias, linear probe, plots."""
+    meta = results.get("meta", {})
+    lines = [f"# Evaluation: {meta.get('run', 'model')}", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in meta.items()] + [""]
+
+    zeroshot = results.get("zeroshot", {})
+    if zeroshot:
+        findings = list(dict.fromkeys(f for m in zeroshot.values() for f in m.get("auc", {})))
+        lines += ["## Zero-shot classification", "",
+                  "Prediction = P(present) > 0.5; macro means over findings with both classes.", ""]
+        rows = [[lang, m.get("macro_auc"), m.get("macro_f1"), m.get("accuracy")]
+                + [m.get("auc", {}).get(f) for f in findings] for lang, m in zeroshot.items()]
+        lines += _table(["lang", "macro AUC", "macro F1", "accuracy"]
+                        + [f"AUC {f}" for f in findings], rows) + [""]
+
+    retrieval = results.get("retrieval", {})
+    if retrieval:
+        ks = [key[2:] for key in retrieval.get("mean", {}) if key.startswith("R@")]
+        header = ["direction"] + [h for k in ks for h in (f"R@{k}", f"chance@{k}")]
+        rows = [[d] + [m.get(f"{p}@{k}") for k in ks for p in ("R", "chance")]
+                + [m.get("n_queries", ""), m.get("n_excluded", "")] for d, m in retrieval.items()]
+        lines += ["## Cross-lingual retrieval", "",
+                  "Hit = a top-k report of the other language has the same finding set; "
+                  "chance = expected R@k of a random ranking.", ""]
+        lines += _table(header + ["queries", "excluded"], rows) + [""]
+
+    bias = results.get("bias", {})
+    if bias:
+        lines += ["## Community bias", "",
+                  "Mean distance between language means / RMS within-language spread; "
+                  "silhouette by language (cosine); language-ID probe accuracy (5-fold).", ""]
+        rows = [[kind, m.get("lang_mean_dist_over_spread"), m.get("silhouette_lang"),
+                 m.get("lang_id_probe_acc"), m.get("lang_id_chance")] for kind, m in bias.items()]
+        lines += _table(["embedding", "mean dist / spread", "silhouette (lang)",
+                         "lang-ID acc", "lang-ID chance"], rows) + [""]
+
+    probe = results.get("linear_probe", {})
+    if probe:
+        lines += ["## Linear probe (frozen image features)", "", "Macro test AUC over seeds.", ""]
+        rows = [[_fraction_label(f), m.get("mean"), m.get("std"),
+                 ", ".join(_fmt(v) for v in m.get("per_seed", []))] for f, m in probe.items()]
+        lines += _table(["labels", "macro AUC mean", "std", "per seed"], rows)
+        notes = [n for m in probe.values() for n in m.get("notes", [])]
+        lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] + ([""] if notes else [])
+
+    for kind, path in results.get("tsne", {}).items():
+        lines += [f"## t-SNE ({kind})", "", f"![t-SNE of {kind} embeddings]({path})", ""]
+    return "\n".join(lines)
+
+
+def write_eval_report(results: Results, out_dir: Union[str, Path]) -> tuple[Path, Path]:
+    """Write ``eval.json`` (all numbers) and ``eval.md`` (tables) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / EVAL_JSON, out_dir / EVAL_MD
+    json_path.write_text(json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    md_path.write_text(format_eval_markdown(results) + "\n")
+    return json_path, md_path
+
+
+def _marker_group(label: Union[str, Collection[str], None]) -> str:
+    if label is None or isinstance(label, str):
+        return str(label)
+    return "abnormal" if len(label) else "normal"
+
+
+def plot_tsne(
+    embeddings: Any,
+    langs: Sequence[str],
+    out_path: Union[str, Path],
+    labels: Optional[Sequence[Union[str, Collection[str], None]]] = None,
+    seed: int = 0,
+    title: str = "t-SNE of embeddings by language",
+) -> Path:
+    """2-D t-SNE (cosine) of N x d embeddings as a PNG, coloured by language.
+
+    ``labels`` sets the marker: a finding set gives normal (empty) vs abnormal, a string
+    is used as is (e.g. the first finding). Perplexity is min(30, (N - 1) / 3), at least
+    1, so small sets work; more than ``TSNE_MAX_POINTS`` points are subsampled.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    emb, lang_arr = l2_normalize(embeddings), np.asarray(langs)
+    groups = np.asarray([_marker_group(x) for x in labels] if labels is not None
+                        else ["all"] * emb.shape[0])
+    if emb.shape[0] < 3 or lang_arr.shape[0] != emb.shape[0] or groups.shape[0] != emb.shape[0]:
+        raise ValueError(
+            f"t-SNE needs >= 3 points with one language (and label) each; got {emb.shape[0]} "
+            f"points, {lang_arr.shape[0]} languages, {groups.shape[0]} labels"
+        )
+    if emb.shape[0] > TSNE_MAX_POINTS:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(emb.shape[0], TSNE_MAX_POINTS, replace=False))
+        emb, lang_arr, groups = emb[keep], lang_arr[keep], groups[keep]
+    perplexity = max(1.0, min(30.0, (emb.shape[0] - 1) / 3))
+    xy = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca",
+              random_state=seed).fit_transform(emb)
+
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for i, lang in enumerate(sorted(set(lang_arr.tolist()))):
+        for j, group in enumerate(sorted(set(groups.tolist()))):
+            sel = (lang_arr == lang) & (groups == group)
+            if sel.any():
+                name = lang if labels is None else f"{lang} / {group}"
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=12, alpha=0.7, color=colours(i % 10),
+                           marker=MARKERS[j % len(MARKERS)], label=name)
+    ax.set_title(f"{title} (n={emb.shape[0]}, perplexity={perplexity:.0f})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="best", fontsize=8, markerscale=1.5)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def _aggregate(runs: Mapping[str, Union[Results, Sequence[Results]]]) -> tuple[list[str], dict]:
+    keys: dict[str, None] = {}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, run in runs.items():
+        replicas = [run] if isinstance(run, Mapping) else list(run)
+        summaries = [summary_metrics(r) for r in replicas]
+        table[name] = {}
+        for summary in summaries:
+            keys.update(dict.fromkeys(summary))
+        for key in keys:
+            values = [s[key] for s in summaries if s.get(key) is not None]
+            table[name][key] = {
+                "mean": float(np.mean(values)) if values else None,
+                "std": float(np.std(values)) if values else None,
+                "values": values,
+            }
+    # a metric first seen in a later run is missing from the earlier ones
+    for name in table:
+        for key in keys:
+            table[name].setdefault(key, {"mean": None, "std": None, "values": []})
+    return list(keys), table
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    if len(entry["values"]) > 1:
+        return f"{entry['mean']:.3f} ± {entry['std']:.3f} (n={len(entry['values'])})"
+    return f"{entry['mean']:.3f}"
+
+
+def compare_table(runs: Mapping[str, Union[Results, Sequence[Results]]]) -> str:
+    """Markdown table with one column per run and one row per headline metric.
+
+    A run may be one results dict or a list of them (seeds), shown as mean ± std.
+    """
+    keys, table = _aggregate(runs)
+    names = list(table)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["| " + key + " | " + " | ".join(_cell(table[n][key]) for n in names) + " |"
+              for key in keys]
+    return "\n".join(lines)
+
+
+def write_comparison(
+    runs: Mapping[str, Union[Results, Sequence[Results]]], out_dir: Union[str, Path]
+) -> tuple[Path, Path]:
+    """Write ``compare.md`` (the table of :func:`compare_table`) and ``compare.json``.
+
+    ``compare.json`` is ``{"metrics": [keys in order], "runs": {name: {key: {"mean",
+    "std", "values"}}}}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys, table = _aggregate(runs)
+    md_path, json_path = out_dir / COMPARE_MD, out_dir / COMPARE_JSON
+    md_path.write_text(
+        "# Comparison\n\nPrimary: cross-lingual retrieval R@k (DESIGN.md); zero-shot AUC and "
+        "the language-ID probe saturate early, report but do not steer by them.\n\n"
+        + compare_table(runs) + "\n"
+    )
+    json_path.write_text(
+        json.dumps(to_jsonable({"metrics": keys, "runs": table}), indent=2, allow_nan=False) + "\n"
+    )
+    return md_path, json_path
