@@ -36,11 +36,14 @@ def add_config_args(parser: argparse.ArgumentParser, preset: Optional[str] = "ti
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` only that sub-command's plugin is imported (fast start)."""
     parser = argparse.ArgumentParser(prog="medunic", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for ep in sorted(entry_points(group="medunic.commands"), key=lambda e: e.name):
+    plugins = sorted(entry_points(group="medunic.commands"), key=lambda e: e.name)
+    chosen = [ep for ep in plugins if ep.name == command] or plugins
+    for ep in chosen:
         register: Callable[[argparse._SubParsersAction], None] = ep.load()
         register(sub)
     return parser
@@ -49,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
