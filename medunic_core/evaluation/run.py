@@ -1,0 +1,173 @@
+"""``medunic eval``: run a trained model over a held-out split and write the report.
+
+Zero-shot classification with English and Spanish prompts, EN<->ES retrieval,
+community-bias metrics of report embeddings, a linear probe on frozen image features,
+and a t-SNE plot of report embeddings coloured by language.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from medunic_core.config import MedUniCConfig, load_config
+from medunic_core.constants import CHECKPOINT_FILE, FINDINGS
+from medunic_core.data.dataset import EvalDataset, prepare_images
+from medunic_core.data.manifest import Record, read_manifest
+from medunic_core.data.preprocess import ImageCache
+from medunic_core.errors import ConfigError
+from medunic_core.evaluation.bias import community_bias
+from medunic_core.evaluation.linear_probe import linear_probe
+from medunic_core.evaluation.prompts import load_prompts
+from medunic_core.evaluation.report import format_eval_markdown, plot_tsne, write_eval_report
+from medunic_core.evaluation.retrieval import cross_lingual_retrieval
+from medunic_core.evaluation.zeroshot import class_embedding, label_matrix, zeroshot_metrics
+from medunic_core.models import MedUniC, create_model
+from medunic_core.train import resolve_device
+from medunic_core.vocab import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Encoder:
+    """Batched, gradient-free embedding of images and reports with a model in eval mode."""
+
+    def __init__(self, model: MedUniC, tokenizer, cfg: MedUniCConfig, device: torch.device) -> None:
+        self.model, self.tokenizer, self.cfg, self.device = model.eval(), tokenizer, cfg, device
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Reports -> (P_l embeddings, F_l [CLS] features), each (N, d)."""
+        heads, feats = [], []
+        bs = self.cfg.eval.batch_size
+        for i in range(0, len(texts), bs):
+            tok = self.tokenizer(
+                list(texts[i : i + bs]), padding=True, truncation=True,
+                max_length=self.cfg.model.text.max_length, return_tensors="pt",
+            ).to(self.device)
+            h = self.model.text_encoder(tok["input_ids"], tok["attention_mask"])
+            feats.append(h.float().cpu())
+            heads.append(self.model.text_head(h).float().cpu())
+        return torch.cat(heads).numpy(), torch.cat(feats).numpy()
+
+    @torch.no_grad()
+    def images(self, records: Sequence[Record], cache: ImageCache, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (P_V embeddings, F_v features), each (N, d)."""
+        img = self.cfg.model.image
+        loader = DataLoader(
+            EvalDataset(records, cache, img.size, img.mean, img.std),
+            batch_size=self.cfg.eval.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=lambda items: torch.stack([it["image"] for it in items]),
+        )
+        heads, feats = [], []
+        for images in tqdm(loader, desc="embedding images", disable=not progress):
+            f = self.model.image_encoder(images.to(self.device))
+            feats.append(f.float().cpu())
+            heads.append(self.model.image_head(f).float().cpu())
+        return torch.cat(heads).numpy(), torch.cat(feats).numpy()
+
+
+def _prompt_embeddings(encoder: Encoder, prompts: dict, lang: str) -> tuple[np.ndarray, np.ndarray]:
+    pos, neg = [], []
+    for finding in FINDINGS:
+        pos.append(class_embedding(encoder.texts(prompts[lang][finding]["positive"])[0]))
+        neg.append(class_embedding(encoder.texts(prompts[lang][finding]["negative"])[0]))
+    return np.stack(pos), np.stack(neg)
+
+
+def load_run(run_dir: str | Path, overrides: Optional[list[str]] = None, checkpoint: Optional[str | Path] = None):
+    """(config, tokenizer, model) of a training run folder, loaded strictly."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"{run_dir} is not a training run (no config.yaml); run `medunic train` first")
+    cfg = load_config(config_file=config_file, overrides=overrides)
+    tokenizer = load_tokenizer(cfg.train.tokenizer or run_dir / "tokenizer")
+    model = create_model(
+        cfg.model, len(tokenizer), tokenizer.pad_token_id, checkpoint=checkpoint or run_dir / CHECKPOINT_FILE
+    )
+    return cfg, tokenizer, model
+
+
+def evaluate(
+    run_dir: str | Path,
+    out_dir: Optional[str | Path] = None,
+    overrides: Optional[list[str]] = None,
+    checkpoint: Optional[str | Path] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run on ``eval.split`` and write eval.json, eval.md and t-SNE plots."""
+    cfg, tokenizer, model = load_run(run_dir, overrides, checkpoint)
+    out_dir = Path(out_dir or Path(run_dir) / "eval")
+    device = resolve_device(cfg.train.device)
+    encoder = Encoder(model.to(device), tokenizer, cfg, device)
+    cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
+
+    test = read_manifest(cfg.data.manifest, cfg.data.langs, split=cfg.eval.split)
+    test, _ = prepare_images(test, cache, max_bad_fraction=1.0, progress=progress)
+    train = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
+    train, _ = prepare_images(train, cache, max_bad_fraction=1.0, progress=progress)
+    if not test:
+        raise ConfigError(f"{cfg.data.manifest} has no readable '{cfg.eval.split}' rows to evaluate on")
+
+    img_emb, img_feat = encoder.images(test, cache, progress)
+    text_emb, text_feat = encoder.texts([r.report for r in test])
+    langs = [r.lang for r in test]
+    labels = label_matrix(test, FINDINGS)
+    prompts = load_prompts(langs=cfg.data.langs)
+    results: dict[str, Any] = {
+        "meta": {
+            "run": str(run_dir),
+            "split": cfg.eval.split,
+            "n_test": len(test),
+            "n_train": len(train),
+            "ctr": bool(cfg.loss.ctr),
+            "preset": cfg.preset,
+        },
+        "zeroshot": {},
+    }
+    for lang in cfg.data.langs:
+        pos, neg = _prompt_embeddings(encoder, prompts, lang)
+        results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
+    if len(set(langs)) >= 2:
+        results["retrieval"] = cross_lingual_retrieval(
+            text_emb, langs, [r.finding_set for r in test], cfg.eval.retrieval_k
+        )
+        results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
+    if train:
+        train_feat = encoder.images(train, cache, progress)[1]
+        results["linear_probe"] = linear_probe(
+            train_feat, label_matrix(train, FINDINGS), img_feat, labels,
+            cfg.eval.probe_fractions, cfg.eval.probe_seeds,
+        )
+    if cfg.eval.tsne:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_tsne(text_emb, langs, out_dir / "tsne_text.png", labels=[r.finding_set for r in test],
+                  title="report embeddings (P_l) by language")
+        results["tsne"] = {"text": "tsne_text.png"}
+    write_eval_report(results, out_dir)
+    return results
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate a training run on its held-out split")
+    parser.add_argument("run_dir", help="folder written by `medunic train` (config.yaml, checkpoint.pt)")
+    parser.add_argument("--checkpoint", default=None, help="another checkpoint of the same config")
+    parser.add_argument("--out", default=None, help="report folder (default RUN_DIR/eval)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.split=val")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    results = evaluate(args.run_dir, args.out, args.overrides, args.checkpoint, progress=not args.no_progress)
+    print(format_eval_markdown(results))
+    return 0
