@@ -1,0 +1,81 @@
+"""``medunic synth``: generate the synthetic bilingual federation and summarise it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from medunic_core.cli import add_config_args
+from medunic_core.config import load_config
+from medunic_core.constants import FINDINGS, SPLITS
+from medunic_core.data.manifest import Record, read_manifest
+from medunic_core.data.synthetic.generator import default_workers, generate
+from medunic_core.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``synth`` sub-command (entry point ``medunic.commands``)."""
+    p = subparsers.add_parser(
+        "synth",
+        help="generate synthetic chest films with English/Spanish reports",
+        description="Write <out>/images/<site>/*.png|.dcm and <out>/manifest.jsonl from the synth.* config.",
+    )
+    add_config_args(p)
+    p.add_argument("--out", default=None, help="output folder (default: synth.out)")
+    p.add_argument(
+        "--sites",
+        default=None,
+        metavar="NAME:LANG:N[:PROFILE],...",
+        help="replace synth.sites, e.g. en-1:en:100:default,es-1:es:100:portable",
+    )
+    p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_sites(spec: str) -> list[dict[str, object]]:
+    """``en-1:en:100:default,es-1:es:50`` -> site dicts for ``synth.sites`` (profile optional)."""
+    sites = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (3, 4) or not parts[2].isdigit():
+            raise ConfigError(f"--sites entry '{item}' is not NAME:LANG:N[:PROFILE] (e.g. es-1:es:100:portable)")
+        profile = parts[3] if len(parts) == 4 else "default"
+        sites.append({"name": parts[0], "lang": parts[1], "n": int(parts[2]), "profile": profile})
+    if not sites:
+        raise ConfigError(f"--sites '{spec}' names no site")
+    return sites
+
+
+def format_summary(records: list[Record]) -> str:
+    """Two text tables: records per site/language/split, and finding prevalence per site."""
+    sites = sorted({(r.site, r.lang) for r in records})
+    counts = Counter((r.site, r.split) for r in records)
+    lines = [f"{'site':<12}{'lang':<6}" + "".join(f"{s:>7}" for s in SPLITS) + f"{'total':>7}"]
+    for site, lang in sites:
+        row = [counts[(site, s)] for s in SPLITS]
+        lines.append(f"{site:<12}{lang:<6}" + "".join(f"{c:>7}" for c in row) + f"{sum(row):>7}")
+    lines.append("")
+    names = [s for s, _ in sites]
+    lines.append(f"{'prevalence':<18}" + "".join(f"{n:>10}" for n in names) + f"{'all':>10}")
+    groups = [[r for r in records if r.site == n] for n in names] + [records]
+    for finding in (*FINDINGS, "(normal)"):
+        cells = []
+        for group in groups:
+            hits = sum(not r.finding_set if finding == "(normal)" else r.labels.get(finding, 0) for r in group)
+            cells.append(f"{100.0 * hits / max(1, len(group)):>9.1f}%")
+        lines.append(f"{finding:<18}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.sites:
+        overrides.append("synth.sites=" + json.dumps(parse_sites(args.sites)))
+    cfg = load_config(args.preset, overrides, config_file=args.config)
+    manifest = generate(cfg.synth, out=args.out, progress=not args.no_progress, workers=args.workers)
+    records = read_manifest(manifest)
+    print(f"wrote {len(records)} records to {manifest}")
+    print(format_summary(records))
+    return 0
