@@ -27,3 +27,39 @@ os.environ.update(
 @pytest.fixture
 def rng_seed() -> int:
     return 1234
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic EN+ES dataset (PNG and DICOM), generated once per test session."""
+    from medunic_core.config import load_config
+    from medunic_core.data.synthetic.generator import generate
+
+    out = tmp_path_factory.mktemp("synthetic")
+    sites = "[{name: en-1, lang: en, n: 40}, {name: es-1, lang: es, n: 40, profile: portable}]"
+    cfg = load_config("tiny", ["synth.image_size=128", f"synth.sites={sites}"])
+    return generate(cfg.synth, out, progress=False)
+
+
+def _tiny_train_overrides(manifest: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.manifest={manifest}",
+        f"data.cache_dir={manifest.parent / 'cache'}",
+        f"train.out_dir={out_dir}",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.ckpt_every=100",
+        "train.warmup_steps=2",
+        "logging.wandb=false",
+        "vocab.vocab_size=300",
+        "model.image.kwargs.depth=2",
+        "model.text.num_layers=2",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def train_overrides():
+    """``f(manifest, out_dir, *extra)``: a few-second training config of the tiny preset."""
+    return _tiny_train_overrides
