@@ -136,6 +136,20 @@ class TrainConfig:
 
 
 @dataclass
+class MlmConfig:
+    """Stage 2 of MEDUNIC.md: masked-language post-training of the text encoder."""
+
+    out_dir: str = "runs/mlm"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    mask_prob: float = 0.15  # of which 80% [MASK], 10% random token, 10% unchanged
+    log_every: int = 50
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     batch_size: int = 64
@@ -160,6 +174,7 @@ class MedUniCConfig:
     vocab: VocabConfig = field(default_factory=VocabConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

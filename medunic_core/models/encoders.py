@@ -12,6 +12,7 @@ from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel
 from medunic_core.checkpoint import load_state_dict_strict
 from medunic_core.config import ImageConfig, TextConfig
 from medunic_core.errors import CheckpointMismatchError, ConfigError
+from medunic_core.vocab import resize_token_embeddings
 
 
 class ImageEncoder(nn.Module):
@@ -39,51 +40,57 @@ class ImageEncoder(nn.Module):
         return self.backbone(images)
 
 
+def bert_config(cfg: TextConfig, vocab_size: int, pad_token_id: int = 0) -> BertConfig:
+    """A BERT config from our text settings (used by VLP and by the MLM warm-up)."""
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(
+            f"model.text.hidden_size={cfg.hidden_size} is not a multiple of "
+            f"model.text.num_heads={cfg.num_heads}"
+        )
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max(512, cfg.max_length),
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        pad_token_id=pad_token_id,
+    )
+
+
+def load_pretrained_text(folder: str | Path, vocab_size: int, model_class=AutoModel, **kwargs) -> PreTrainedModel:
+    """A local Hugging Face text model whose token embeddings fit a tokenizer of ``vocab_size``.
+
+    A cross-lingual vocabulary only appends tokens, so a larger tokenizer grows the
+    embedding matrix (old rows unchanged); a smaller one means the wrong tokenizer.
+    """
+    if not Path(folder).is_dir():
+        raise ConfigError(f"model.text.pretrained={folder} is not a local folder")
+    model = model_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    current = model.get_input_embeddings().num_embeddings
+    if vocab_size < current:
+        raise CheckpointMismatchError(
+            f"text encoder {folder} has {current} token embeddings but the tokenizer only "
+            f"{vocab_size}; use the tokenizer built from this encoder's vocabulary"
+        )
+    if vocab_size > current:
+        resize_token_embeddings(model, vocab_size)
+    return model
+
+
 class TextEncoder(nn.Module):
     """F_l: a BERT-style encoder; the report embedding is the last layer's [CLS] state."""
 
     def __init__(self, cfg: TextConfig, vocab_size: int, pad_token_id: int = 0) -> None:
         super().__init__()
         if cfg.pretrained:
-            self.bert = self._load_pretrained(cfg.pretrained, vocab_size)
+            self.bert = load_pretrained_text(cfg.pretrained, vocab_size, AutoModel, add_pooling_layer=False)
         else:
-            if cfg.hidden_size % cfg.num_heads:
-                raise ConfigError(
-                    f"model.text.hidden_size={cfg.hidden_size} is not a multiple of "
-                    f"model.text.num_heads={cfg.num_heads}"
-                )
-            config = BertConfig(
-                vocab_size=vocab_size,
-                hidden_size=cfg.hidden_size,
-                num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads,
-                intermediate_size=cfg.intermediate_size,
-                max_position_embeddings=max(512, cfg.max_length),
-                hidden_dropout_prob=cfg.dropout,
-                attention_probs_dropout_prob=cfg.dropout,
-                pad_token_id=pad_token_id,
-            )
-            self.bert = BertModel(config, add_pooling_layer=False)
+            self.bert = BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False)
         self.out_dim: int = int(self.bert.config.hidden_size)
         self.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
-
-    @staticmethod
-    def _load_pretrained(folder: str, vocab_size: int) -> PreTrainedModel:
-        if not Path(folder).is_dir():
-            raise ConfigError(f"model.text.pretrained={folder} is not a local folder")
-        model = AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
-        current = model.get_input_embeddings().num_embeddings
-        if vocab_size < current:
-            raise CheckpointMismatchError(
-                f"text encoder {folder} has {current} token embeddings but the tokenizer only "
-                f"{vocab_size}; use the tokenizer built from this encoder's vocabulary"
-            )
-        if vocab_size > current:
-            # The cross-lingual vocabulary appends tokens: grow the matrix, old rows unchanged.
-            from medunic_core.vocab import resize_token_embeddings
-
-            resize_token_embeddings(model, vocab_size)
-        return model
 
     def layers(self) -> nn.ModuleList:
         return self.bert.encoder.layer
