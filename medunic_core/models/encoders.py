@@ -30,7 +30,9 @@ class ImageEncoder(nn.Module):
         if getattr(self.backbone, "cls_token", None) is not None:
             # Med-UniC uses the ViT's [CLS] token, not the mean of patch tokens.
             self.backbone.reset_classifier(0, global_pool="token")
-        self.out_dim: int = int(self.backbone.num_features)
+        # Models with a conv head after pooling (MobileNetV3, ...) output head_hidden_size,
+        # not num_features (the pre-pool channels).
+        self.out_dim: int = int(getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features)
         if cfg.checkpoint:
             state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
             load_state_dict_strict(self.backbone, state, source=str(cfg.checkpoint))

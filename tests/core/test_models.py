@@ -26,9 +26,10 @@ def test_vit_uses_cls_token_and_cnn_pools():
     cfg = load_config("tiny")
     vit = create_model(cfg.model, vocab_size=40).image_encoder.backbone
     assert vit.global_pool == "token"
-    cnn_cfg = load_config("base", ["model.image.name=resnet18"])
-    cnn = create_model(cnn_cfg.model, vocab_size=40).image_encoder
-    assert cnn(torch.randn(2, 3, 64, 64)).shape == (2, cnn.out_dim)
+    for name in ("resnet18", "mobilenetv3_small_050"):  # the latter has a conv head after pooling
+        cnn_cfg = load_config("base", [f"model.image.name={name}"])
+        cnn = create_model(cnn_cfg.model, vocab_size=40).image_encoder.eval()
+        assert cnn(torch.randn(2, 3, 64, 64)).shape == (2, cnn.out_dim)
 
 
 def test_unknown_timm_kwarg_is_a_config_error():
