@@ -98,10 +98,14 @@ class SynthConfig:
     dicom_fraction: float = 0.25  # share of images written as DICOM instead of PNG
     test_fraction: float = 0.2
     val_fraction: float = 0.1
+    # Each community has a department scanner and a bedside (portable) unit, so that
+    # acquisition differs by site but is not confounded with language.
     sites: list[SiteConfig] = field(
         default_factory=lambda: [
-            SiteConfig(name="en-1", lang="en", n=600, profile="default"),
-            SiteConfig(name="es-1", lang="es", n=600, profile="portable"),
+            SiteConfig(name="en-1", lang="en", n=400, profile="default"),
+            SiteConfig(name="en-2", lang="en", n=200, profile="portable"),
+            SiteConfig(name="es-1", lang="es", n=400, profile="highres"),
+            SiteConfig(name="es-2", lang="es", n=200, profile="portable"),
         ]
     )
 

@@ -113,6 +113,14 @@ class _Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
 
 def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int] = None) -> TrainResult:
     """Train Med-UniC on the manifest's train split; resume from out_dir when asked.
@@ -132,7 +140,12 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
     langs = sorted({r.lang for r in records})
     log.info("train split: %d pairs, languages %s", len(records), langs)
-    tokenizer = prepare_tokenizer(cfg, [(r.report, r.lang) for r in records], out_dir)
+    reports = [(r.report, r.lang) for r in records]
+    if world.is_main:  # rank 0 builds the tokenizer, the others load what it wrote
+        tokenizer = prepare_tokenizer(cfg, reports, out_dir)
+    world.barrier()
+    if not world.is_main:
+        tokenizer = prepare_tokenizer(cfg, reports, out_dir)
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
     records, problems = prepare_images(records, cache, progress=progress and world.is_main)
 
@@ -167,7 +180,8 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     step, epoch, batch_in_epoch = 0, 0, 0
     ckpt_path = out_dir / CHECKPOINT_FILE
-    if cfg.train.resume and ckpt_path.is_file():
+    resuming = cfg.train.resume and ckpt_path.is_file()
+    if resuming:
         state = load_checkpoint(ckpt_path)
         load_state_dict_strict(model, state["model"], source=str(ckpt_path))
         optimizer.load_state_dict(state["optimizer"])
@@ -186,7 +200,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
         save_config(cfg, out_dir / "config.yaml")
         (out_dir / "data_problems.json").write_text(json.dumps([str(p) for p in problems], indent=1))
     wandb_run = _start_wandb(cfg, out_dir) if world.is_main and cfg.logging.wandb else None
-    metrics_file = (out_dir / METRICS_FILE).open("a") if world.is_main else None
+    metrics_file = (out_dir / METRICS_FILE).open("a" if resuming else "w") if world.is_main else None
     history: list[dict[str, Any]] = []
     bar = tqdm(total=total_steps, initial=step, desc="training", disable=not (progress and world.is_main))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
@@ -255,6 +269,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
         metrics_file.close()
     if wandb_run:
         wandb_run.finish()
+    world.close()
     return TrainResult(out_dir, step, ckpt_path, history)
 
 

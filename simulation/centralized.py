@@ -1,8 +1,11 @@
 """Centralized baseline runs on synthetic bilingual data: ``medunic demo`` and ``medunic compare``.
 
-``demo`` generates the synthetic EN+ES federation (once), trains the tiny preset and
-prints the evaluation table. ``compare`` trains the same data, budget and seeds with CTR
-on and off and writes the community-bias and retrieval metrics side by side.
+Both follow the paper's order: the cross-lingual vocabulary and a short MLM warm-up of
+the text encoder (skipped with ``mlm.steps=0`` or when ``model.text.pretrained`` is set),
+then VLP, then evaluation. ``demo`` generates the synthetic EN+ES data (once), trains the
+tiny preset and prints the evaluation table. ``compare`` trains the same data, text
+initialisation, budget and seeds with CTR on and off and writes the community-bias and
+retrieval metrics side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.data.synthetic.generator import generate
 from medunic_core.evaluation.report import compare_table, format_eval_markdown, write_comparison
 from medunic_core.evaluation.run import evaluate
+from medunic_core.mlm import train_mlm
 from medunic_core.train import train
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,14 @@ def ensure_synthetic_data(cfg: MedUniCConfig, progress: bool = True) -> Path:
     return written
 
 
+def text_warmup(cfg: MedUniCConfig, progress: bool = True) -> list[str]:
+    """Run the MLM warm-up once; the overrides that make VLP start from its encoder."""
+    if cfg.mlm.steps <= 0 or cfg.model.text.pretrained:
+        return []
+    result = train_mlm(cfg, progress=progress)
+    return [f"model.text.pretrained={result.text_encoder}", f"train.tokenizer={result.tokenizer}"]
+
+
 def train_and_evaluate(cfg: MedUniCConfig, progress: bool = True) -> dict[str, Any]:
     """One training run followed by its evaluation (results dict of medunic_core.evaluation)."""
     result = train(cfg, progress=progress)
@@ -46,6 +58,7 @@ def train_and_evaluate(cfg: MedUniCConfig, progress: bool = True) -> dict[str, A
 def run_demo(preset: str, overrides: Sequence[str], progress: bool = True) -> dict[str, Any]:
     cfg = load_config(preset, list(overrides))
     ensure_synthetic_data(cfg, progress)
+    cfg = load_config(preset, [*overrides, *text_warmup(cfg, progress)])
     results = train_and_evaluate(cfg, progress)
     print(format_eval_markdown(results))
     print(f"\nreport: {Path(cfg.train.out_dir) / 'eval' / 'eval.md'}")
@@ -63,6 +76,8 @@ def run_compare(
     base = load_config(preset, list(overrides))
     ensure_synthetic_data(base, progress)
     root = Path(out_dir or Path(base.train.out_dir).parent / "compare")
+    overrides = [*overrides, f"mlm.out_dir={root / 'mlm'}"]
+    overrides += text_warmup(load_config(preset, overrides), progress)
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, variant in VARIANTS.items():
         for seed in seeds:

@@ -55,6 +55,10 @@ def _tiny_train_overrides(manifest: Path, out_dir: Path, *extra: str) -> list[st
         "vocab.vocab_size=300",
         "model.image.kwargs.depth=2",
         "model.text.num_layers=2",
+        f"mlm.out_dir={out_dir.parent / (out_dir.name + '-mlm')}",
+        "mlm.steps=10",
+        "mlm.warmup_steps=2",
+        "mlm.log_every=5",
         *extra,
     ]
 
