@@ -28,8 +28,9 @@ fi
 CONSTRAINTS="$VENV/torch-constraints.txt"
 "$VENV/bin/python" - > "$CONSTRAINTS" <<'PYEOF'
 import torch, torchvision
-print(f"torch=={torch.__version__}")
-print(f"torchvision=={torchvision.__version__}")
+# public versions only: "2.14.1+cu130" would not match the index's "2.14.1" candidate
+print(f"torch=={torch.__version__.split('+')[0]}")
+print(f"torchvision=={torchvision.__version__.split('+')[0]}")
 PYEOF
 $PIP install -q -c "$CONSTRAINTS" -e ".[dev]"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, flwr, timm, transformers; print("torch", torch.__version__, "flwr", flwr.__version__, "timm", timm.__version__, "transformers", transformers.__version__)')"
