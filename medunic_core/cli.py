@@ -30,9 +30,11 @@ OFFLINE_ENV = {
 
 
 def add_config_args(parser: argparse.ArgumentParser, preset: Optional[str] = "tiny") -> None:
-    """The arguments every config-driven sub-command shares: a preset and key=value overrides."""
+    """What every config-driven sub-command shares: a preset or config file, key=value
+    overrides, and a switch for progress bars (off for logs and CI)."""
     parser.add_argument("--preset", default=preset, help="configs/presets/NAME.yaml (default: %(default)s)")
     parser.add_argument("--config", default=None, help="a saved config YAML instead of a preset")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
+from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import METRICS_FILE
 from medunic_core.data.manifest import read_manifest
@@ -114,11 +115,8 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from medunic_core.cli import add_config_args
-
     parser = subparsers.add_parser("mlm", help="masked-language post-training of the text encoder")
     add_config_args(parser)
-    parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_main)
 
 

@@ -32,6 +32,7 @@ from medunic_core.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config, save_config, to_dict
 from medunic_core.constants import CHECKPOINT_FILE, METRICS_FILE
 from medunic_core.data.dataset import EpochSampler, PairDataset, TextCollator, prepare_images
@@ -304,11 +305,8 @@ def _start_wandb(cfg: MedUniCConfig, out_dir: Path):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from medunic_core.cli import add_config_args
-
     parser = subparsers.add_parser("train", help="centralized Med-UniC training on a manifest")
     add_config_args(parser)
-    parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_main)
 
 

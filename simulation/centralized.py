@@ -94,9 +94,8 @@ def run_compare(
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="synthetic EN+ES data -> train tiny -> evaluation table")
+    parser = subparsers.add_parser("demo", help="synthetic EN+ES data -> (MLM warm-up) -> train -> evaluation table")
     add_config_args(parser, preset="tiny")
-    parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=lambda a: run_demo(a.preset, a.overrides, not a.no_progress) and 0)
 
 
@@ -105,7 +104,6 @@ def register_compare(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(parser, preset="tiny")
     parser.add_argument("--seeds", default="42", help="comma-separated training seeds (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder of the comparison (default: runs/compare)")
-    parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(
         func=lambda a: run_compare(
             a.preset, a.overrides, [int(s) for s in a.seeds.split(",")], a.out, not a.no_progress

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from medunic_core.cli import OFFLINE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
-os.environ.update(
-    {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "TOKENIZERS_PARALLELISM": "false",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(ROOT / ".flwr-test"),
-    }
-)
+os.environ.update({**OFFLINE_ENV, "FLWR_HOME": str(ROOT / ".flwr-test")})
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace synth.sites, e.g. en-1:en:100:default,es-1:es:100:portable",
     )
     p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
