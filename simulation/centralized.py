@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.data.synthetic.generator import generate
+from medunic_core.errors import ConfigError
 from medunic_core.evaluation.report import compare_table, format_eval_markdown, write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.mlm import train_mlm
@@ -37,7 +38,9 @@ def ensure_synthetic_data(cfg: MedUniCConfig, progress: bool = True) -> Path:
     if manifest.is_file():
         log.info("using existing data %s", manifest)
         return manifest
-    written = generate(cfg.synth, Path(cfg.data.manifest).parent, progress=progress)
+    written = generate(cfg.synth, manifest.parent, progress=progress)
+    if written.resolve() != manifest.resolve():
+        raise ConfigError(f"data.manifest={manifest}: the generator writes {written}; point data.manifest there")
     return written
 
 
@@ -96,7 +99,7 @@ def run_compare(
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="synthetic EN+ES data -> (MLM warm-up) -> train -> evaluation table")
     add_config_args(parser, preset="tiny")
-    parser.set_defaults(func=lambda a: run_demo(a.preset, a.overrides, not a.no_progress) and 0)
+    parser.set_defaults(func=_demo)
 
 
 def register_compare(subparsers: argparse._SubParsersAction) -> None:
@@ -104,9 +107,15 @@ def register_compare(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(parser, preset="tiny")
     parser.add_argument("--seeds", default="42", help="comma-separated training seeds (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder of the comparison (default: runs/compare)")
-    parser.set_defaults(
-        func=lambda a: run_compare(
-            a.preset, a.overrides, [int(s) for s in a.seeds.split(",")], a.out, not a.no_progress
-        )
-        and 0
-    )
+    parser.set_defaults(func=_compare)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run_demo(args.preset, args.overrides, not args.no_progress)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    run_compare(args.preset, args.overrides, seeds, args.out, not args.no_progress)
+    return 0
