@@ -111,10 +111,9 @@ def evaluate(
     encoder = Encoder(model.to(device), tokenizer, cfg, device)
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
 
-    test = read_manifest(cfg.data.manifest, cfg.data.langs, split=cfg.eval.split)
-    test, _ = prepare_images(test, cache, max_bad_fraction=1.0, progress=progress)
-    train = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
-    train, _ = prepare_images(train, cache, max_bad_fraction=1.0, progress=progress)
+    records = read_manifest(cfg.data.manifest, cfg.data.langs)
+    test, _ = prepare_images([r for r in records if r.split == cfg.eval.split], cache, 1.0, progress)
+    train, _ = prepare_images([r for r in records if r.split == "train"], cache, 1.0, progress)
     if not test:
         raise ConfigError(f"{cfg.data.manifest} has no readable '{cfg.eval.split}' rows to evaluate on")
 
