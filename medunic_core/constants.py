@@ -18,6 +18,5 @@ FINDINGS: tuple[str, ...] = (
 MANIFEST_FIELDS: tuple[str, ...] = ("id", "image_path", "report", "lang", "split", "site", "labels")
 
 VOCAB_SHA_FILE = "vocab.sha256"
-CONFIG_FILE = "medunic_config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"

@@ -257,11 +257,10 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
             epoch_done = batch_in_epoch >= batches_used
             if epoch_done:
                 epoch, batch_in_epoch = epoch + 1, 0
-            if world.is_main and (step % cfg.train.ckpt_every == 0 or step == total_steps or epoch_done):
+            stopping = stop_at_step is not None and step >= stop_at_step
+            if world.is_main and (step % cfg.train.ckpt_every == 0 or step == total_steps or epoch_done or stopping):
                 _save(ckpt_path, model, optimizer, scheduler, scaler, step, epoch, batch_in_epoch)
-            if stop_at_step is not None and step >= stop_at_step:
-                if world.is_main:
-                    _save(ckpt_path, model, optimizer, scheduler, scaler, step, epoch, batch_in_epoch)
+            if stopping:
                 total_steps = step
             if epoch_done or step >= total_steps:
                 break

@@ -14,11 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.update({**OFFLINE_ENV, "FLWR_HOME": str(ROOT / ".flwr-test")})
 
 
-@pytest.fixture
-def rng_seed() -> int:
-    return 1234
-
-
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic EN+ES dataset (PNG and DICOM), generated once per test session."""
