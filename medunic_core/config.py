@@ -164,6 +164,35 @@ class EvalConfig:
 
 
 @dataclass
+class AlignConfig:
+    """The language-disentangled alignment state (DESIGN.md, "Federated alignment")."""
+
+    train_norm: str = "local"  # local: the site's batch only; mixed: + other communities' moments
+    eval_norm: str = "global"  # global: running statistics; community: the report's own language
+    image: bool = False  # also mix P_V's BatchNorms
+    round1: str = "stats"  # "stats": a statistics-only pass before round 1; "local": train round 1 locally
+
+
+@dataclass
+class FedConfig:
+    """Federated run: rounds, local work and aggregation (DESIGN.md, "Aggregation")."""
+
+    out_dir: str = "runs/federated"
+    rounds: int = 3
+    local_steps: int = 50  # optimizer steps per site and round
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
+    proximal_mu: float = 0.01  # FedProx
+    server_lr: float = 0.01  # FedAdam eta
+    bn: str = "average"  # BatchNorm policy: "average" (FedAvg) or "local" (FedBN: never averaged)
+    wire_dtype: str = "float32"  # float32 | float16 for the weights on the wire
+    reject_factor: float = 10.0  # an update whose norm exceeds factor x median is rejected
+    min_sites: int = 0  # sites needed to start a round (0 = every site of the federation)
+    round_timeout: float = 1800.0  # seconds the server waits for the replies of a round
+    eval_every: int = 1  # rounds between evaluations
+    resume: bool = True  # continue from out_dir/server_checkpoint.pt when it exists
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = True
     wandb_project: str = "medunic"
@@ -181,7 +210,27 @@ class MedUniCConfig:
     mlm: MlmConfig = field(default_factory=MlmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# String fields that take one of a few values; checked whenever a config is loaded.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "align.train_norm": ("local", "mixed"),
+    "align.eval_norm": ("global", "community"),
+    "align.round1": ("stats", "local"),
+    "fed.strategy": ("fedavg", "fedprox", "fedadam"),
+    "fed.bn": ("average", "local"),
+    "fed.wire_dtype": ("float32", "float16"),
+}
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"bad value for '{key}': '{value}' is not one of {', '.join(allowed)}")
 
 
 def list_presets() -> list[str]:
@@ -245,6 +294,7 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    _check_choices(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
 

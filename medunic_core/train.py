@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medunic_core.align import Aligner
 from medunic_core.checkpoint import (
     atomic_save,
     load_checkpoint,
@@ -98,6 +99,37 @@ def prepare_tokenizer(cfg: MedUniCConfig, reports: list[tuple[str, str]], out_di
     if (folder / "tokenizer_config.json").is_file():
         return load_tokenizer(folder)
     return build_tokenizer(cfg.vocab, reports, folder)
+
+
+def forward_loss(
+    net: torch.nn.Module,
+    batch: dict,
+    cfg: MedUniCConfig,
+    device: torch.device,
+    autocast=nullcontext,
+    aligner: Optional[Aligner] = None,
+) -> dict[str, torch.Tensor]:
+    """One forward pass over a collated batch and the named loss parts.
+
+    With an aligner (federated sites), its BatchNorms are told the batch's communities and
+    L_TF uses the mixed cross-correlation when the aligner provides one.
+    """
+    if aligner is not None:
+        aligner.begin_batch(batch["lang"])
+    with autocast():
+        out = net(
+            batch["image"].to(device),
+            batch["image_strong"].to(device),
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            ctr=cfg.loss.ctr,
+        )
+    out = {k: v.float() for k, v in out.items()}
+    if aligner is not None and cfg.loss.ctr:
+        c = aligner.mixed_cross(out["ctr_a"], out["ctr_b"])
+        if c is not None:
+            out["ctr_c"] = c
+    return medunic_loss(out, cfg.loss)
 
 
 class _Distributed:
@@ -200,7 +232,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     if world.is_main:
         save_config(cfg, out_dir / "config.yaml")
         (out_dir / "data_problems.json").write_text(json.dumps([str(p) for p in problems], indent=1))
-    wandb_run = _start_wandb(cfg, out_dir) if world.is_main and cfg.logging.wandb else None
+    wandb_run = start_wandb(cfg, out_dir) if world.is_main and cfg.logging.wandb else None
     metrics_file = (out_dir / METRICS_FILE).open("a" if resuming else "w") if world.is_main else None
     history: list[dict[str, Any]] = []
     bar = tqdm(total=total_steps, initial=step, desc="training", disable=not (progress and world.is_main))
@@ -211,15 +243,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     while step < total_steps:
         sampler.set_epoch(epoch, start=batch_in_epoch * cfg.train.batch_size)
         for batch in loader:
-            with autocast():
-                out = net(
-                    batch["image"].to(device),
-                    batch["image_strong"].to(device),
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    ctr=cfg.loss.ctr,
-                )
-            parts = medunic_loss({k: v.float() for k, v in out.items()}, cfg.loss)
+            parts = forward_loss(net, batch, cfg, device, autocast)
             scaler.scale(parts["loss"] / cfg.train.accum_steps).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.train.accum_steps
@@ -289,7 +313,7 @@ def _save(path: Path, model: MedUniC, optimizer, scheduler, scaler, step: int, e
     )
 
 
-def _start_wandb(cfg: MedUniCConfig, out_dir: Path):
+def start_wandb(cfg: MedUniCConfig, out_dir: Path):
     """wandb offline by default: runs are synced later with ``wandb sync`` if wanted."""
     import wandb
 

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medunic_core.align import Aligner, AlignmentState, community_statistics
+from medunic_core.checkpoint import load_checkpoint
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import CHECKPOINT_FILE, FINDINGS
 from medunic_core.data.dataset import EvalDataset, prepare_images
@@ -39,12 +41,26 @@ log = logging.getLogger(__name__)
 class Encoder:
     """Batched, gradient-free embedding of images and reports with a model in eval mode."""
 
-    def __init__(self, model: MedUniC, tokenizer, cfg: MedUniCConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: MedUniC,
+        tokenizer,
+        cfg: MedUniCConfig,
+        device: torch.device,
+        community: Optional[AlignmentState] = None,
+    ) -> None:
         self.model, self.tokenizer, self.cfg, self.device = model.eval(), tokenizer, cfg, device
+        self.community = community  # per-language P_l statistics for align.eval_norm=community
 
     @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Reports -> (P_l embeddings, F_l [CLS] features), each (N, d)."""
+    def texts(self, texts: Sequence[str], langs: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reports -> (P_l embeddings, F_l [CLS] features), each (N, d).
+
+        With community statistics set, each report is standardised with its own
+        language's statistics (``langs``, one per report).
+        """
+        if self.community is not None and (langs is None or len(langs) != len(texts)):
+            raise ValueError("community normalisation needs the language of every report")
         heads, feats = [], []
         bs = self.cfg.eval.batch_size
         for i in range(0, len(texts), bs):
@@ -54,7 +70,13 @@ class Encoder:
             ).to(self.device)
             h = self.model.text_encoder(tok["input_ids"], tok["attention_mask"])
             feats.append(h.float().cpu())
-            heads.append(self.model.text_head(h).float().cpu())
+            if self.community is None:
+                heads.append(self.model.text_head(h).float().cpu())
+                continue
+            aligner = Aligner(self.model, mode="community", others=self.community)
+            with aligner.attached():
+                aligner.begin_batch(list(langs[i : i + bs]))
+                heads.append(self.model.text_head(h).float().cpu())
         return torch.cat(heads).numpy(), torch.cat(feats).numpy()
 
     @torch.no_grad()
@@ -78,9 +100,16 @@ class Encoder:
 def _prompt_embeddings(encoder: Encoder, prompts: dict, lang: str) -> tuple[np.ndarray, np.ndarray]:
     pos, neg = [], []
     for finding in FINDINGS:
-        pos.append(class_embedding(encoder.texts(prompts[lang][finding]["positive"])[0]))
-        neg.append(class_embedding(encoder.texts(prompts[lang][finding]["negative"])[0]))
+        for side, out in (("positive", pos), ("negative", neg)):
+            phrases = prompts[lang][finding][side]
+            out.append(class_embedding(encoder.texts(phrases, [lang] * len(phrases))[0]))
     return np.stack(pos), np.stack(neg)
+
+
+def community_stats_of_run(checkpoint: str | Path) -> Optional[AlignmentState]:
+    """The per-community P_l statistics a federated export carries, if any."""
+    flat = load_checkpoint(checkpoint).get("community_stats")
+    return AlignmentState.from_flat(flat) if flat else None
 
 
 def load_run(run_dir: str | Path, overrides: Optional[list[str]] = None, checkpoint: Optional[str | Path] = None):
@@ -97,6 +126,57 @@ def load_run(run_dir: str | Path, overrides: Optional[list[str]] = None, checkpo
     return cfg, tokenizer, model
 
 
+def evaluate_model(
+    model: MedUniC,
+    tokenizer,
+    cfg: MedUniCConfig,
+    test: Sequence[Record],
+    train: Sequence[Record] = (),
+    community: Optional[AlignmentState] = None,
+    full: bool = True,
+    progress: bool = False,
+    cache: Optional[ImageCache] = None,
+) -> dict[str, Any]:
+    """Metrics of a model on readable test records (the shared core of every evaluation).
+
+    Zero-shot for each language of ``cfg.data.langs``; retrieval and community bias when
+    the test set holds two languages or more; with ``full``, the linear probe on
+    ``train``. ``align.eval_norm = community`` uses ``community`` statistics or, when
+    None, measures each language on the ``train`` reports.
+    """
+    device = resolve_device(cfg.train.device)
+    encoder = Encoder(model.to(device), tokenizer, cfg, device)
+    cache = cache or ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
+    if cfg.align.eval_norm == "community":
+        if community is None:
+            if not train:
+                raise ConfigError("align.eval_norm=community needs community statistics or train reports")
+            feats = encoder.texts([r.report for r in train])[1]
+            community = community_statistics(model, torch.as_tensor(feats, device=device), [r.lang for r in train])
+        encoder.community = community
+    img_emb, img_feat = encoder.images(test, cache, progress)
+    langs = [r.lang for r in test]
+    text_emb, text_feat = encoder.texts([r.report for r in test], langs)
+    labels = label_matrix(test, FINDINGS)
+    prompts = load_prompts(langs=cfg.data.langs)
+    results: dict[str, Any] = {"zeroshot": {}, "embeddings": {"text": text_emb, "langs": langs}}
+    for lang in cfg.data.langs:
+        pos, neg = _prompt_embeddings(encoder, prompts, lang)
+        results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
+    if len(set(langs)) >= 2:
+        results["retrieval"] = cross_lingual_retrieval(
+            text_emb, langs, [r.finding_set for r in test], cfg.eval.retrieval_k
+        )
+        results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
+    if full and train:
+        train_feat = encoder.images(train, cache, progress)[1]
+        results["linear_probe"] = linear_probe(
+            train_feat, label_matrix(train, FINDINGS), img_feat, labels,
+            cfg.eval.probe_fractions, cfg.eval.probe_seeds,
+        )
+    return results
+
+
 def evaluate(
     run_dir: str | Path,
     out_dir: Optional[str | Path] = None,
@@ -107,50 +187,33 @@ def evaluate(
     """Evaluate a run on ``eval.split`` and write eval.json, eval.md and t-SNE plots."""
     cfg, tokenizer, model = load_run(run_dir, overrides, checkpoint)
     out_dir = Path(out_dir or Path(run_dir) / "eval")
-    device = resolve_device(cfg.train.device)
-    encoder = Encoder(model.to(device), tokenizer, cfg, device)
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
-
     records = read_manifest(cfg.data.manifest, cfg.data.langs)
     test, _ = prepare_images([r for r in records if r.split == cfg.eval.split], cache, 1.0, progress)
     train, _ = prepare_images([r for r in records if r.split == "train"], cache, 1.0, progress)
     if not test:
         raise ConfigError(f"{cfg.data.manifest} has no readable '{cfg.eval.split}' rows to evaluate on")
-
-    img_emb, img_feat = encoder.images(test, cache, progress)
-    text_emb, text_feat = encoder.texts([r.report for r in test])
-    langs = [r.lang for r in test]
-    labels = label_matrix(test, FINDINGS)
-    prompts = load_prompts(langs=cfg.data.langs)
-    results: dict[str, Any] = {
+    community = None
+    if cfg.align.eval_norm == "community":  # a federated export carries them; else measured on train
+        community = community_stats_of_run(checkpoint or Path(run_dir) / CHECKPOINT_FILE)
+    results = evaluate_model(model, tokenizer, cfg, test, train, community, True, progress, cache)
+    embeddings = results.pop("embeddings")
+    results = {
         "meta": {
             "run": str(run_dir),
             "split": cfg.eval.split,
             "n_test": len(test),
             "n_train": len(train),
             "ctr": bool(cfg.loss.ctr),
+            "eval_norm": cfg.align.eval_norm,
             "preset": cfg.preset,
         },
-        "zeroshot": {},
+        **results,
     }
-    for lang in cfg.data.langs:
-        pos, neg = _prompt_embeddings(encoder, prompts, lang)
-        results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
-    if len(set(langs)) >= 2:
-        results["retrieval"] = cross_lingual_retrieval(
-            text_emb, langs, [r.finding_set for r in test], cfg.eval.retrieval_k
-        )
-        results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
-    if train:
-        train_feat = encoder.images(train, cache, progress)[1]
-        results["linear_probe"] = linear_probe(
-            train_feat, label_matrix(train, FINDINGS), img_feat, labels,
-            cfg.eval.probe_fractions, cfg.eval.probe_seeds,
-        )
     if cfg.eval.tsne:
         out_dir.mkdir(parents=True, exist_ok=True)
-        plot_tsne(text_emb, langs, out_dir / "tsne_text.png", labels=[r.finding_set for r in test],
-                  title="report embeddings (P_l) by language")
+        plot_tsne(embeddings["text"], embeddings["langs"], out_dir / "tsne_text.png",
+                  labels=[r.finding_set for r in test], title="report embeddings (P_l) by language")
         results["tsne"] = {"text": "tsne_text.png"}
     write_eval_report(results, out_dir)
     return results

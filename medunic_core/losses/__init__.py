@@ -6,15 +6,17 @@ import torch
 
 from medunic_core.config import LossConfig
 from medunic_core.losses.contrastive import infonce
-from medunic_core.losses.ctr import tf_loss, tt_loss
+from medunic_core.losses.ctr import tf_loss, tf_loss_from_c, tt_loss
 
-__all__ = ["infonce", "tf_loss", "tt_loss", "medunic_loss"]
+__all__ = ["infonce", "tf_loss", "tf_loss_from_c", "tt_loss", "medunic_loss"]
 
 
 def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Named loss parts from the model's embeddings, plus their weighted sum ``loss``.
 
     Every part is returned (also with weight 0) so that logs always show the same keys.
+    A federated site in ``align.train_norm=mixed`` puts the mixed cross-correlation in
+    ``out["ctr_c"]``; L_TF then uses it instead of the batch's own C.
     """
     parts = {
         "cvl_loss": infonce(out["image"], out["text"], cfg.temperature),
@@ -22,7 +24,10 @@ def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, tor
     }
     total = cfg.cvl_weight * parts["cvl_loss"] + cfg.ssv_weight * parts["ssv_loss"]
     if cfg.ctr:
-        parts["tf_loss"] = tf_loss(out["ctr_a"], out["ctr_b"], cfg.ctr_lambda, cfg.tf_denom)
+        if "ctr_c" in out:
+            parts["tf_loss"] = tf_loss_from_c(out["ctr_c"], cfg.ctr_lambda, cfg.tf_denom)
+        else:
+            parts["tf_loss"] = tf_loss(out["ctr_a"], out["ctr_b"], cfg.ctr_lambda, cfg.tf_denom)
         ctr = parts["tf_loss"]
         if cfg.use_tt:
             parts["tt_loss"] = tt_loss(out["ctr_a"], out["ctr_b"], cfg.ctr_lambda, cfg.tt_denom)

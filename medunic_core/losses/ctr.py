@@ -19,9 +19,12 @@ def tf_loss(z_a: torch.Tensor, z_b: torch.Tensor, lam: float, denom: float) -> t
     z_a, z_b: (N, D), each already standardised per dimension over the batch (the
     affine-free BatchNorm of P_d). Paper: lam = 0.0051, denom = 2.
     """
-    n, d = z_a.shape
-    c = z_a.t() @ z_b / n
-    return _redundancy(c, lam) / (denom * d)
+    return tf_loss_from_c(z_a.t() @ z_b / z_a.shape[0], lam, denom)
+
+
+def tf_loss_from_c(c: torch.Tensor, lam: float, denom: float) -> torch.Tensor:
+    """L_TF of a given D x D cross-correlation (a federated site passes the mixed C)."""
+    return _redundancy(c, lam) / (denom * c.shape[0])
 
 
 def tt_loss(z_a: torch.Tensor, z_b: torch.Tensor, lam: float, denom: float) -> torch.Tensor:

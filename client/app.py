@@ -1,0 +1,132 @@
+"""The Med-UniC ClientApp: a thin adapter from Flower Messages to medunic_core.
+
+Each handler reads the site (client.site), builds the run's model, loads the received
+weights, calls medunic_core and replies with what may leave a site (medunic_core.exchange):
+
+- ``train``: local training for one round -> weights, ``num-examples``, losses, this
+  round's alignment sums of the site's community and the token rows it used;
+- ``query.stats``: alignment sums of a few batches without training (round 1);
+- ``query.community``: per-language P_l statistics for ``align.eval_norm = community``;
+- ``evaluate``: zero-shot (and, with two languages, retrieval and bias) on the site's
+  held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.records import arrays_record, record_arrays
+from client.site import (
+    build_model,
+    device,
+    resolve_site,
+    run_medunic_config,
+    site_cache,
+    site_tokenizer,
+)
+from medunic_core.align import AlignmentState, community_statistics
+from medunic_core.data.dataset import prepare_images
+from medunic_core.evaluation.run import Encoder, evaluate_model
+from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
+from medunic_core.local import collect_statistics, site_records, train_site
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+LOCAL_BN = "local-bn"  # context.state record of this site's BatchNorms (fed.bn = local)
+
+
+class _Setup:
+    """Everything a handler needs, from one incoming message and the node's context."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        self.cfg = run_medunic_config(context.run_config)
+        self.site = resolve_site(context.run_config, context.node_config, self.cfg)
+        config = msg.content.config_records.get("config", ConfigRecord())
+        self.round = int(config.get("server-round", 0))
+        self.tokenizer = site_tokenizer(self.site, str(config.get("vocab-sha", "")) or None)
+        self.model = build_model(self.cfg, self.tokenizer)
+        self.device = device()
+        self.cache = site_cache(self.site, self.cfg)
+        if "arrays" in msg.content.array_records:
+            keep = {}
+            if self.cfg.fed.bn == "local" and LOCAL_BN in context.state.array_records:
+                keep = {k: torch.from_numpy(v) for k, v in record_arrays(context.state[LOCAL_BN]).items()}
+            load_arrays(self.model, record_arrays(msg.content["arrays"], np.float32), keep)
+
+    def identity(self) -> ConfigRecord:
+        return ConfigRecord({"site": self.site.name, "community": self.site.lang})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    s = _Setup(msg, context)
+    others = None
+    if "align" in msg.content.array_records:
+        others = AlignmentState.from_flat(record_arrays(msg.content["align"]))
+    records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
+    arrays = model_arrays(s.model, s.cfg.fed.wire_dtype)
+    if s.cfg.fed.bn == "local":
+        context.state[LOCAL_BN] = arrays_record(
+            {k: v.astype(np.float32) for k, v in model_arrays(s.model).items() if is_batchnorm_entry(s.model, k)}
+        )
+    metrics = {"num-examples": result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
+    return Message(
+        RecordDict(
+            {
+                "arrays": arrays_record(arrays),
+                "metrics": MetricRecord(metrics),
+                "align": arrays_record(result.alignment.to_flat()),
+                "usage": arrays_record({"token_rows": result.token_rows.astype(np.uint8)}),
+                "site": s.identity(),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+@app.query("stats")
+def stats(msg: Message, context: Context) -> Message:
+    s = _Setup(msg, context)
+    records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    batches = int(msg.content["config"].get("batches", 4))
+    state = collect_statistics(s.model, records, s.cache, s.tokenizer, s.cfg, batches, s.device)
+    return Message(
+        RecordDict({"align": arrays_record(state.to_flat()), "site": s.identity()}), reply_to=msg
+    )
+
+
+@app.query("community")
+def community(msg: Message, context: Context) -> Message:
+    s = _Setup(msg, context)
+    records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    encoder = Encoder(s.model.to(s.device), s.tokenizer, s.cfg, s.device)
+    feats = torch.as_tensor(encoder.texts([r.report for r in records])[1], device=s.device)
+    state = community_statistics(s.model, feats, [r.lang for r in records])
+    return Message(
+        RecordDict({"align": arrays_record(state.to_flat()), "site": s.identity()}), reply_to=msg
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    s = _Setup(msg, context)
+    test = site_records(s.cfg, s.site.name, s.site.lang, s.cfg.eval.split, s.site.manifest)
+    test, _ = prepare_images(test, s.cache, 1.0, progress=False)
+    community = None
+    if "align" in msg.content.array_records:
+        community = AlignmentState.from_flat(record_arrays(msg.content["align"]))
+    results = evaluate_model(s.model, s.tokenizer, s.cfg, test, community=community, full=False, cache=s.cache)
+    zs = results["zeroshot"][s.site.lang]
+    metrics = {"num-examples": len(test), "zeroshot_auc": float(zs["macro_auc"] or 0.0)}
+    if "retrieval" in results:
+        metrics.update({f"retrieval_{k}": float(v) for k, v in results["retrieval"]["mean"].items()})
+    return Message(
+        RecordDict({"metrics": MetricRecord(metrics), "site": s.identity()}), reply_to=msg
+    )

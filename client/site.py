@@ -1,0 +1,117 @@
+"""Who this site is and what it has: read from Flower's run config and node config.
+
+Deployment: the SuperNode's node config names the site (``site``, ``lang``,
+``data-path`` to its manifest, optional ``cache-dir`` and ``tokenizer``). Simulation: the
+node config only holds ``partition-id``; the run config's ``sites`` list
+(``"en-1:en,es-1:es"``) maps partitions to sites of the shared synthetic manifest. Either
+way nothing about a site is ever written in code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from medunic_core.config import MedUniCConfig, load_config
+from medunic_core.constants import LANGUAGES
+from medunic_core.data.preprocess import ImageCache
+from medunic_core.errors import ConfigError
+from medunic_core.models import MedUniC, create_model
+from medunic_core.train import seed_everything
+from medunic_core.vocab import load_tokenizer
+
+
+def parse_sites(spec: str) -> list[tuple[str, str]]:
+    """``"en-1:en,es-1:es"`` -> [("en-1", "en"), ("es-1", "es")]."""
+    sites = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, lang = item.partition(":")
+        if not sep or not name or lang not in LANGUAGES:
+            raise ConfigError(f"run config 'sites': '{item}' is not 'name:lang' with lang in {LANGUAGES}")
+        sites.append((name, lang))
+    if not sites:
+        raise ConfigError("run config 'sites' is empty")
+    return sites
+
+
+def run_overrides(run_config: Mapping[str, Any]) -> list[str]:
+    """The medunic ``key=value`` overrides of a run (a JSON list in run config ``overrides``)."""
+    raw = run_config.get("overrides", "[]") or "[]"
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"run config 'overrides' is not a JSON list of key=value strings: {raw!r}") from exc
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"run config 'overrides' must be a JSON list of strings, got {raw!r}")
+    return items
+
+
+def run_medunic_config(run_config: Mapping[str, Any]) -> MedUniCConfig:
+    """The medunic config of a run: preset + overrides, the same at every site and the server."""
+    return load_config(str(run_config.get("preset", "tiny")), run_overrides(run_config))
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    lang: str
+    manifest: str
+    cache_dir: str
+    tokenizer: str
+
+
+def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], cfg: MedUniCConfig) -> Site:
+    """This node's site from its node config (deployment) or its partition (simulation)."""
+    tokenizer = str(node_config.get("tokenizer") or run_config.get("tokenizer") or "")
+    if "site" in node_config:
+        missing = [k for k in ("lang", "data-path") if k not in node_config]
+        if missing:
+            raise ConfigError(f"node config of site '{node_config['site']}' lacks {missing}")
+        lang = str(node_config["lang"])
+        if lang not in LANGUAGES:
+            raise ConfigError(f"node config lang '{lang}' is not one of {LANGUAGES}")
+        return Site(
+            str(node_config["site"]), lang, str(node_config["data-path"]),
+            str(node_config.get("cache-dir", cfg.data.cache_dir)), tokenizer,
+        )
+    if "partition-id" not in node_config:
+        raise ConfigError("node config has neither 'site' (deployment) nor 'partition-id' (simulation)")
+    sites = parse_sites(str(run_config.get("sites", "")))
+    pid = int(node_config["partition-id"])
+    if pid >= len(sites):
+        raise ConfigError(f"partition {pid} has no site: run config 'sites' lists {len(sites)}")
+    name, lang = sites[pid]
+    return Site(name, lang, cfg.data.manifest, cfg.data.cache_dir, tokenizer)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(folder: str, sha: Optional[str]):
+    return load_tokenizer(folder, expected_sha256=sha)
+
+
+def site_tokenizer(site: Site, expected_sha: Optional[str]):
+    """The site's tokenizer, refused (VocabMismatchError) unless it is the run's vocabulary."""
+    if not site.tokenizer:
+        raise ConfigError(f"site '{site.name}': no tokenizer folder (run config or node config 'tokenizer')")
+    return _tokenizer(site.tokenizer, expected_sha or None)
+
+
+def build_model(cfg: MedUniCConfig, tokenizer) -> MedUniC:
+    """The run's architecture, initialised identically everywhere (frozen layers never travel)."""
+    seed_everything(cfg.train.seed)
+    return create_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
+
+
+def site_cache(site: Site, cfg: MedUniCConfig) -> ImageCache:
+    """Preprocessed images on disk: every message may start a fresh process."""
+    Path(site.cache_dir).mkdir(parents=True, exist_ok=True)
+    return ImageCache(site.cache_dir, cfg.model.image.cache_size)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

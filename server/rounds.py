@@ -1,0 +1,212 @@
+"""The coordinator's round loop: train, merge the alignment state, evaluate, checkpoint.
+
+Flower's ``Strategy.start`` always begins at round 1, so the loop is ours: it calls the
+strategy's configure/aggregate methods round by round, which lets a restarted
+coordinator resume after the last completed round with the same weights, alignment state
+and server-optimizer state. Every round appends one JSON line to ``rounds.jsonl`` (and
+to wandb, offline by default); the end exports the model (medunic_core.export) and
+evaluates it with ``medunic eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from client.records import arrays_record, record_arrays
+from client.site import build_model, parse_sites, run_medunic_config
+from medunic_core.align import AlignmentState
+from medunic_core.checkpoint import atomic_save, load_checkpoint
+from medunic_core.config import save_config, to_dict
+from medunic_core.data.dataset import prepare_images
+from medunic_core.data.manifest import read_manifest
+from medunic_core.data.preprocess import ImageCache
+from medunic_core.errors import ConfigError
+from medunic_core.evaluation.run import evaluate, evaluate_model
+from medunic_core.exchange import load_arrays, model_arrays
+from medunic_core.export import export_model
+from medunic_core.train import start_wandb
+from medunic_core.vocab import load_tokenizer, vocab_sha256
+from server.strategy import make_strategy
+
+log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
+
+SERVER_CHECKPOINT = "server_checkpoint.pt"
+ROUNDS_FILE = "rounds.jsonl"
+EXPORT_DIR = "model"
+
+
+class FederatedRun:
+    """One federated Med-UniC run, built from Flower's run config."""
+
+    def __init__(self, run_config: Mapping[str, Any]) -> None:
+        self.cfg = run_medunic_config(run_config)
+        self.out = Path(self.cfg.fed.out_dir)
+        spec = str(run_config.get("sites", "") or "")
+        self.sites = parse_sites(spec) if spec else []
+        self.num_sites = self.cfg.fed.min_sites or len(self.sites)
+        if self.num_sites <= 0:
+            raise ConfigError("say how many sites a round needs: run config 'sites' or fed.min_sites")
+        self.tokenizer_dir = str(run_config.get("tokenizer", "") or "")
+        if not self.tokenizer_dir:
+            raise ConfigError("run config 'tokenizer' (the run's tokenizer folder) is not set")
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.vocab_sha = vocab_sha256(self.tokenizer)
+        self.model = build_model(self.cfg, self.tokenizer)
+        self.strategy = make_strategy(self.cfg, self.num_sites, self.vocab_sha)
+        self.community: Optional[AlignmentState] = None
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self, grid: Grid) -> Path:
+        fed = self.cfg.fed
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        arrays, start = model_arrays(self.model), 1
+        ckpt = self.out / SERVER_CHECKPOINT
+        if fed.resume and ckpt.is_file():
+            arrays, start = self._restore(ckpt)
+            log.info("resuming after round %d from %s", start - 1, ckpt)
+        elif (self.out / ROUNDS_FILE).exists():
+            (self.out / ROUNDS_FILE).unlink()
+        wandb_run = start_wandb(self.cfg, self.out) if self.cfg.logging.wandb else None
+        for rnd in range(start, fed.rounds + 1):
+            t0 = time.perf_counter()
+            if rnd == 1 and self.cfg.align.train_norm == "mixed" and self.cfg.align.round1 == "stats":
+                self.strategy.alignment = self._query_state(grid, "query.stats", arrays, {"batches": 4})
+            messages = self.strategy.configure_train(rnd, arrays_record(arrays), ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+            aggregated, metrics = self.strategy.aggregate_train(rnd, replies)
+            row: dict[str, Any] = {"round": rnd, **self.strategy.last_round}
+            if aggregated is None:
+                log.error("round %d: no usable update (failed or rejected); weights unchanged", rnd)
+            else:
+                arrays = record_arrays(aggregated, np.float32)
+                row["train"] = {k: float(v) for k, v in (metrics or {}).items()}
+            if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+                if self.cfg.align.eval_norm == "community":
+                    self.community = self._query_state(grid, "query.community", arrays, {})
+                row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
+                row["central"] = self._evaluate_central(arrays)
+            row["seconds"] = time.perf_counter() - t0
+            self._save(ckpt, rnd, arrays)
+            with (self.out / ROUNDS_FILE).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if wandb_run:
+                wandb_run.log(_flatten(row), step=rnd)
+            log.info("round %d done in %.1f s: %s", rnd, row["seconds"], json.dumps(row.get("central", {}))[:300])
+        if wandb_run:
+            wandb_run.finish()
+        return self._export(arrays)
+
+    # -- messages ---------------------------------------------------------------------
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.cfg.fed.round_timeout
+        while True:
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= self.num_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {self.num_sites} sites connected")
+            time.sleep(1.0)
+
+    def _content(self, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> RecordDict:
+        return RecordDict(
+            {
+                "arrays": arrays_record(arrays, np.float16 if self.cfg.fed.wire_dtype == "float16" else None),
+                "config": ConfigRecord({"vocab-sha": self.vocab_sha, **config}),
+            }
+        )
+
+    def _query_state(self, grid: Grid, message_type: str, arrays: dict[str, np.ndarray], config: dict) -> AlignmentState:
+        """Alignment sums from every site (statistics pass or community statistics)."""
+        content = self._content(arrays, config)
+        messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in self._wait_for_nodes(grid)]
+        state = AlignmentState()
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.fed.round_timeout):
+            if reply.has_error():
+                log.warning("%s: node %d failed: %s", message_type, reply.metadata.src_node_id, reply.error.reason)
+                continue
+            state = state.merged(AlignmentState.from_flat(record_arrays(reply.content["align"])))
+        return state
+
+    def _evaluate_sites(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        content = self._content(arrays, {"server-round": rnd})
+        if self.community is not None:
+            content["align"] = arrays_record(self.community.to_flat())
+        messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self._wait_for_nodes(grid)]
+        out: dict[str, dict[str, float]] = {}
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.fed.round_timeout):
+            if reply.has_error():
+                log.warning("evaluate: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            site = reply.content["site"]
+            out[str(site["site"])] = {"community": str(site["community"]), **dict(reply.content["metrics"])}
+        return out
+
+    def _evaluate_central(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The global model on the coordinator's held-out set (public data), if it has one."""
+        manifest = Path(self.cfg.data.manifest)
+        if not manifest.is_file():
+            return {}
+        load_arrays(self.model, arrays)
+        cache = ImageCache(self.cfg.data.cache_dir, self.cfg.model.image.cache_size)
+        test = [r for r in read_manifest(manifest, self.cfg.data.langs) if r.split == self.cfg.eval.split]
+        test, _ = prepare_images(test, cache, 1.0, progress=False)
+        res = evaluate_model(self.model, self.tokenizer, self.cfg, test, community=self.community, full=False, cache=cache)
+        out: dict[str, Any] = {f"zeroshot_{lang}": z["macro_auc"] for lang, z in res["zeroshot"].items()}
+        if "retrieval" in res:
+            out.update({k: v for k, v in res["retrieval"]["mean"].items()})
+            bias = res["bias"]["text"]
+            out.update({f"bias_{k}": v for k, v in bias.items() if isinstance(v, (int, float))})
+        return out
+
+    # -- checkpoint, export -----------------------------------------------------------
+    def _save(self, path: Path, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+        atomic_save(
+            {
+                "round": rnd,
+                "arrays": arrays,
+                "alignment": self.strategy.alignment.to_flat(),
+                "community": self.community.to_flat() if self.community else None,
+                "strategy": self.strategy.state(),
+                "vocab_sha": self.vocab_sha,
+                "config": to_dict(self.cfg),
+            },
+            path,
+        )
+
+    def _restore(self, path: Path) -> tuple[dict[str, np.ndarray], int]:
+        state = load_checkpoint(path)
+        if state.get("vocab_sha") != self.vocab_sha:
+            raise ConfigError(f"{path} was written with vocabulary {state.get('vocab_sha')}, this run has {self.vocab_sha}")
+        load_arrays(self.model, state["arrays"])  # refuses a checkpoint of another architecture
+        self.strategy.alignment = AlignmentState.from_flat(state["alignment"])
+        self.community = AlignmentState.from_flat(state["community"]) if state.get("community") else None
+        self.strategy.load_state(state["strategy"])
+        return state["arrays"], int(state["round"]) + 1
+
+    def _export(self, arrays: dict[str, np.ndarray]) -> Path:
+        load_arrays(self.model, arrays)
+        folder = export_model(self.model, self.cfg, self.tokenizer_dir, self.out / EXPORT_DIR, self.community)
+        if Path(self.cfg.data.manifest).is_file():
+            evaluate(folder, folder / "eval", progress=False)
+        log.info("exported the final model to %s", folder)
+        return folder
+
+
+def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out

@@ -1,0 +1,195 @@
+"""The Med-UniC strategy: Flower's FedAvg / FedProx / FedAdam plus what Med-UniC needs.
+
+Flower's strategies do the sampling, the messages and the weighted average (and FedAdam's
+server optimizer). :class:`MedUniCAggregation` is put in front of one of them and adds:
+
+- the alignment state: sent down with every training message; the sums that come back
+  are added per community, and each community present this round replaces its old sums
+  (the communities stay apart: "disentangled");
+- token-embedding rows averaged only over the sites that used them (an English site must
+  not dilute Spanish rows); rows nobody used keep their current value;
+- rejection of non-finite and outlier updates (norm above ``reject_factor`` times the
+  median of the other sites' norms), logged and counted, never averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from client.records import arrays_record, record_arrays
+from medunic_core.align import AlignmentState
+from medunic_core.config import MedUniCConfig
+from medunic_core.exchange import TOKEN_EMBEDDINGS, WIRE_DTYPES
+
+log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
+
+EXTRA_RECORDS = ("align", "usage", "site")  # popped before Flower's aggregation
+STRATEGY_STATE = ("m_t", "v_t")  # FedAdam's moments: checkpointed with the round
+
+
+def update_norms(arrays: list[dict[str, np.ndarray]], current: dict[str, np.ndarray]) -> list[float]:
+    """L2 norm of each site's update (received - current), over all travelling arrays."""
+    norms = []
+    for a in arrays:
+        total = 0.0
+        for k, v in a.items():
+            d = v.astype(np.float64) - current[k].astype(np.float64)
+            total += float(np.sum(d * d))
+        norms.append(float(np.sqrt(total)))
+    return norms
+
+
+def outliers(norms: list[float], factor: float) -> list[int]:
+    """Indices whose norm is not finite or exceeds ``factor`` x the median of the others."""
+    bad = [i for i, n in enumerate(norms) if not np.isfinite(n)]
+    finite = [i for i in range(len(norms)) if i not in bad]
+    for i in finite:
+        others = [norms[j] for j in finite if j != i]
+        if others and norms[i] > factor * max(float(np.median(others)), 1e-12):
+            bad.append(i)
+    return sorted(bad)
+
+
+def mask_unused_rows(
+    arrays: list[dict[str, np.ndarray]], usage: list[np.ndarray], weights: list[float], current: np.ndarray
+) -> None:
+    """Rewrite each site's token-embedding rows it did not use, in place, so that Flower's
+    plain weighted average gives, row by row, the average over the sites that used it.
+
+    A site's unused row is set to the users' weighted mean m; the overall weighted mean is
+    then m exactly. Rows nobody used are set to the current global row.
+    """
+    used = np.stack([u.astype(bool) for u in usage])  # sites x rows
+    w = np.asarray(weights, dtype=np.float64)[:, None]
+    stacked = np.stack([a[TOKEN_EMBEDDINGS].astype(np.float64) for a in arrays])  # sites x rows x d
+    wu = used * w
+    denom = wu.sum(0)
+    mean = np.einsum("sr,srd->rd", wu, stacked) / np.maximum(denom, 1e-12)[:, None]
+    mean[denom == 0] = current[denom == 0]
+    for i, a in enumerate(arrays):
+        rows = ~used[i]
+        patched = a[TOKEN_EMBEDDINGS].astype(np.float64)
+        patched[rows] = mean[rows]
+        a[TOKEN_EMBEDDINGS] = patched.astype(a[TOKEN_EMBEDDINGS].dtype)
+
+
+class MedUniCAggregation:
+    """Mixin in front of a Flower strategy (see :func:`make_strategy`)."""
+
+    def __init__(
+        self, *args: Any, reject_factor: float = 10.0, vocab_sha: str = "", wire_dtype: str = "float32", **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.reject_factor = reject_factor
+        self.vocab_sha = vocab_sha
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.alignment = AlignmentState()
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.last_round: dict[str, Any] = {}  # what the last aggregation did, for the logs
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_arrays = record_arrays(arrays, np.float32)
+        config["vocab-sha"] = self.vocab_sha
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        down = arrays_record(self.global_arrays, self.wire_dtype)
+        record = arrays_record(self.alignment.to_flat()) if self.alignment.communities else None
+        for msg in messages:  # all messages share one content record
+            msg.content["arrays"] = down
+            if record is not None:
+                msg.content["align"] = record
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Any]:
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        failed = [m for m in replies if m.has_error()]
+        for m in failed:
+            log.warning("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
+        extras = [{k: m.content.array_records.get(k) or m.content.config_records.get(k) for k in EXTRA_RECORDS} for m in ok]
+        for m in ok:
+            for k in EXTRA_RECORDS:
+                if k in m.content:
+                    del m.content[k]
+        sites = [str(e["site"]["site"]) if e["site"] is not None else f"node-{m.metadata.src_node_id}" for e, m in zip(extras, ok)]
+        arrays = [record_arrays(m.content["arrays"], np.float32) for m in ok]  # never average in fp16
+        norms = update_norms(arrays, self.global_arrays) if self.global_arrays else [0.0] * len(ok)
+        rejected = outliers(norms, self.reject_factor)
+        for i in rejected:
+            log.warning("round %d: update of %s rejected (norm %.4g; others %s)", server_round, sites[i], norms[i],
+                        [round(n, 4) for j, n in enumerate(norms) if j != i])
+        keep = [i for i in range(len(ok)) if i not in rejected]
+        self.last_round = {
+            "sites": [sites[i] for i in keep],
+            "rejected": [sites[i] for i in rejected],
+            "failed": len(failed),
+            "update_norms": dict(zip(sites, norms)),
+        }
+        if not keep:
+            return None, None
+        accepted = [ok[i] for i in keep]
+        kept_arrays = [arrays[i] for i in keep]
+        if TOKEN_EMBEDDINGS in self.global_arrays and all(extras[i]["usage"] is not None for i in keep):
+            weights = [float(m.content["metrics"][self.weighted_by_key]) for m in accepted]
+            mask_unused_rows(
+                kept_arrays,
+                [record_arrays(extras[i]["usage"])["token_rows"] for i in keep],
+                weights,
+                self.global_arrays[TOKEN_EMBEDDINGS],
+            )
+        for m, a in zip(accepted, kept_arrays):
+            m.content["arrays"] = arrays_record(a)
+        self._merge_alignment(extras, keep)
+        return super().aggregate_train(server_round, accepted)
+
+    def _merge_alignment(self, extras: list[dict], keep: list[int]) -> None:
+        fresh = AlignmentState()
+        for i in keep:
+            if extras[i]["align"] is not None:
+                fresh = fresh.merged(AlignmentState.from_flat(record_arrays(extras[i]["align"])))
+        self.alignment = self.alignment.replaced_by(fresh)
+
+    # -- checkpoint support -------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in STRATEGY_STATE if hasattr(self, k)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class MedUniCFedAvg(MedUniCAggregation, FedAvg):
+    """Weighted FedAvg over sample counts."""
+
+
+class MedUniCFedProx(MedUniCAggregation, FedProx):
+    """FedAvg with a proximal term at the sites (``fed.proximal_mu``)."""
+
+
+class MedUniCFedAdam(MedUniCAggregation, FedAdam):
+    """FedAvg's mean as a pseudo-gradient for a server-side Adam (``fed.server_lr``)."""
+
+
+def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str) -> MedUniCAggregation:
+    """The configured strategy; every round waits for ``fed.min_sites`` (default: all)."""
+    need = cfg.fed.min_sites or num_sites
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=need,
+        min_evaluate_nodes=need,
+        min_available_nodes=need,
+        reject_factor=cfg.fed.reject_factor,
+        vocab_sha=vocab_sha,
+        wire_dtype=cfg.fed.wire_dtype,
+    )
+    if cfg.fed.strategy == "fedprox":
+        return MedUniCFedProx(proximal_mu=cfg.fed.proximal_mu, **common)
+    if cfg.fed.strategy == "fedadam":
+        return MedUniCFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr, **common)
+    return MedUniCFedAvg(**common)

@@ -1,0 +1,239 @@
+"""``medunic simulate``: a federated Med-UniC run in Flower's Simulation Engine.
+
+It prepares what a real federation would have before its first round (synthetic sites of
+each language community, the shared tokenizer and, with ``mlm.steps > 0``, an
+MLM-initialised text encoder), then runs ``flwr run <app> <connection> --stream`` against
+a simulation SuperLink that it starts itself on free loopback ports with a project-local
+``FLWR_HOME``, streams the progress, stops that SuperLink (and everything it spawned)
+whatever happens, and writes the report of the run folder.
+
+Until the federated vocabulary and MLM stages exist (issue 5), the tokenizer and the MLM
+warm-up are computed centrally on the synthetic training reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from medunic_core.cli import OFFLINE_ENV, add_config_args
+from medunic_core.config import MedUniCConfig, load_config
+from medunic_core.constants import LANGUAGES
+from medunic_core.data.manifest import read_manifest
+from medunic_core.errors import ConfigError, MedunicError
+from medunic_core.vocab import build_tokenizer
+from simulation.centralized import ensure_synthetic_data, text_warmup
+from simulation.report import write_federated_report
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the repository's pyproject
+CONNECTION = "medunic-sim"
+PROFILES = {"en": ("default", "portable", "lowdose"), "es": ("highres", "portable", "lowdose")}
+
+
+def parse_site_counts(spec: str) -> list[tuple[str, int]]:
+    """``"en:2,es:1"`` -> [("en", 2), ("es", 1)]."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        lang, sep, count = item.partition(":")
+        if lang not in LANGUAGES or (sep and not count.isdigit()):
+            raise ConfigError(f"--sites: '{item}' is not 'lang:count' with lang in {LANGUAGES}")
+        out.append((lang, int(count) if sep else 1))
+    if not out or sum(n for _, n in out) < 1:
+        raise ConfigError(f"--sites '{spec}' names no site")
+    return out
+
+
+def site_overrides(spec: str, pairs_per_site: int) -> tuple[list[str], str]:
+    """Overrides that make the synthetic generator write one folder per site, and the
+    run-config ``sites`` list that maps Flower partitions to those sites."""
+    sites, names = [], []
+    for lang, count in parse_site_counts(spec):
+        for i in range(count):
+            name = f"{lang}-{i + 1}"
+            profile = PROFILES[lang][i % len(PROFILES[lang])]
+            sites.append(f"{{name: {name}, lang: {lang}, n: {pairs_per_site}, profile: {profile}}}")
+            names.append(f"{name}:{lang}")
+    tag = "-".join(f"{lang}{count}" for lang, count in parse_site_counts(spec))
+    return [f"synth.sites=[{', '.join(sites)}]", f"synth.out=data/federated-{tag}-{pairs_per_site}",
+            f"data.manifest=data/federated-{tag}-{pairs_per_site}/manifest.jsonl"], ",".join(names)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process we start: offline, quiet, project-local home."""
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home)}
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per simulated site
+    return env
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
+    """Start a simulation SuperLink on free loopback ports; always stop it (and its
+    children: the simulation runtime and the ServerApp) when the block ends."""
+    port = _free_port()  # Flower 1.42 serves the runtime, control and fleet APIs on one HTTP port
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    command = [
+        str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
+        "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    with log_file.open("ab") as out:
+        proc = subprocess.Popen(command, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise MedunicError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.3)
+        else:
+            raise MedunicError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s; see {log_file}")
+        yield CONNECTION
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the SuperLink's process group, then SIGKILL what is left after 10 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def prepare(cfg_overrides: list[str], preset: str, progress: bool) -> tuple[MedUniCConfig, list[str], str]:
+    """Data, tokenizer and text warm-up; returns the config, the final overrides (absolute
+    paths, because Flower's processes do not run in this directory) and the tokenizer."""
+    cfg = load_config(preset, cfg_overrides)
+    ensure_synthetic_data(cfg, progress)
+    absolute = [
+        f"data.manifest={Path(cfg.data.manifest).resolve()}",
+        f"data.cache_dir={Path(cfg.data.cache_dir).resolve()}",
+        f"fed.out_dir={Path(cfg.fed.out_dir).resolve()}",
+        f"mlm.out_dir={Path(cfg.fed.out_dir).resolve() / 'mlm'}",
+    ]
+    overrides = [*cfg_overrides, *absolute]
+    cfg = load_config(preset, overrides)
+    warm = text_warmup(cfg, progress)
+    overrides += [f"model.text.pretrained={Path(v.split('=', 1)[1]).resolve()}" for v in warm if v.startswith("model.text.pretrained=")]
+    tokenizer = next((v.split("=", 1)[1] for v in warm if v.startswith("train.tokenizer=")), None)
+    if tokenizer is None:
+        folder = Path(cfg.fed.out_dir) / "tokenizer"
+        records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
+        build_tokenizer(cfg.vocab, [(r.report, r.lang) for r in records], folder, cfg.model.text.max_length)
+        tokenizer = str(folder)
+    return load_config(preset, overrides), overrides, str(Path(tokenizer).resolve())
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def simulate(
+    preset: str,
+    overrides: Sequence[str],
+    sites: str = "en:1,es:1",
+    pairs_per_site: int = 400,
+    progress: bool = True,
+    flwr_home: Optional[Path] = None,
+) -> Path:
+    """Run one federated simulation; returns the run folder (``fed.out_dir``)."""
+    synth, site_list = site_overrides(sites, pairs_per_site)
+    cfg, final, tokenizer = prepare([*synth, *overrides], preset, progress)
+    run_dir = Path(cfg.fed.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_sites = len(site_list.split(","))
+    run_config = run_dir / "run_config.toml"
+    run_config.write_text(
+        f"preset = {_toml_string(preset)}\noverrides = {_toml_string(json.dumps(final))}\n"
+        f"sites = {_toml_string(site_list)}\ntokenizer = {_toml_string(tokenizer)}\n"
+    )
+    flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or APP_DIR / ".flwr").resolve()
+    flower_log = run_dir / "flower.log"
+    federation = (
+        f"num-supernodes={n_sites} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={max(2, min(n_sites, os.cpu_count() or 2))}"
+    )
+    print(f"federated run: {n_sites} sites ({site_list}), {cfg.fed.rounds} rounds x {cfg.fed.local_steps} "
+          f"local steps -> {run_dir}", flush=True)
+    with simulation_superlink(flwr_home, run_dir / "superlink.log") as connection:
+        command = ["flwr", "run", str(APP_DIR), connection, "--stream",
+                   "--run-config", str(run_config), "--federation-config", federation]
+        with flower_log.open("w") as logf:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("flwr")), *command[1:]], env=flower_env(flwr_home),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=APP_DIR,
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                if progress or "ROUND" in line or "round" in line or "ERROR" in line:
+                    print(line, end="", flush=True)
+            proc.wait()
+    export = run_dir / "model" / "checkpoint.pt"
+    if proc.returncode != 0 or not export.is_file():
+        tail = flower_log.read_text().splitlines()[-30:]
+        raise MedunicError(f"the federated run did not finish (flwr exit {proc.returncode}); last lines of "
+                           f"{flower_log}:\n" + "\n".join(tail))
+    report = write_federated_report(run_dir)
+    print(f"\nreport: {report}")
+    return run_dir
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("simulate", help="federated Med-UniC in Flower's Simulation Engine (EN+ES sites)")
+    add_config_args(parser, preset="tiny")
+    parser.add_argument("--sites", default="en:1,es:1", help="sites per language, e.g. en:2,es:1 (default: %(default)s)")
+    parser.add_argument("--pairs-per-site", type=int, default=400, help="synthetic pairs per site (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=None, help="shortcut for fed.rounds=N")
+    parser.add_argument("--ctr", choices=("on", "off"), default=None, help="shortcut for loss.ctr")
+    parser.add_argument("--train-norm", choices=("local", "mixed"), default=None, help="shortcut for align.train_norm")
+    parser.add_argument("--eval-norm", choices=("global", "community"), default=None, help="shortcut for align.eval_norm")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.rounds is not None:
+        overrides.append(f"fed.rounds={args.rounds}")
+    if args.ctr is not None:
+        overrides.append(f"loss.ctr={'true' if args.ctr == 'on' else 'false'}")
+    if args.train_norm:
+        overrides.append(f"align.train_norm={args.train_norm}")
+    if args.eval_norm:
+        overrides.append(f"align.eval_norm={args.eval_norm}")
+    simulate(args.preset, overrides, args.sites, args.pairs_per_site, not args.no_progress)
+    return 0
