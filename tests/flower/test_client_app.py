@@ -1,0 +1,102 @@
+"""The ClientApp called directly with real Messages: what a reply carries, and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from client.records import arrays_record, record_arrays
+from client.site import build_model, run_medunic_config
+from medunic_core.data.manifest import read_manifest
+from medunic_core.errors import CheckpointMismatchError, SiteDataError, VocabMismatchError
+from medunic_core.exchange import TOKEN_EMBEDDINGS, model_arrays, wire_names
+from medunic_core.vocab import load_tokenizer, vocab_sha256
+
+from .grid import InProcessGrid
+
+# DESIGN.md, "What travels": the records a training reply may hold, and nothing else.
+TRAIN_REPLY = {"arrays", "metrics", "align", "usage", "site"}
+
+
+def _train_message(model, sha: str, node: int = 1, align=None) -> Message:
+    content = RecordDict(
+        {"arrays": arrays_record(model_arrays(model)), "config": ConfigRecord({"server-round": 1, "vocab-sha": sha})}
+    )
+    if align is not None:
+        content["align"] = align
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+
+
+@pytest.fixture
+def setup(run_config, fed_tokenizer):
+    rc = run_config()
+    cfg = run_medunic_config(rc)
+    tok = load_tokenizer(fed_tokenizer)
+    return rc, cfg, build_model(cfg, tok), vocab_sha256(tok)
+
+
+def test_train_reply_carries_only_what_may_travel(setup, synthetic_data):
+    rc, cfg, model, sha = setup
+    grid = InProcessGrid(rc)
+    reply = grid.send_and_receive([_train_message(model, sha, node=2)])[0]  # partition 1: es-1
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == TRAIN_REPLY
+    arrays = record_arrays(reply.content["arrays"])
+    assert list(arrays) == wire_names(model)  # trainable parameters + BN statistics, by name
+    state = model.state_dict()
+    assert all(arrays[k].shape == tuple(state[k].shape) for k in arrays)
+    assert any(not np.array_equal(arrays[k], model_arrays(model)[k]) for k in arrays)  # it trained
+    metrics = dict(reply.content["metrics"])
+    assert metrics["num-examples"] == 2 * cfg.train.batch_size
+    assert set(metrics) - {"num-examples"} <= {f"train_{k}" for k in
+                                               ("loss", "cvl_loss", "ssv_loss", "tf_loss", "tt_loss", "ctr_loss", "lr")}
+    align = record_arrays(reply.content["align"])
+    assert align and all(k.startswith("es/") for k in align)  # only its own community's sums
+    assert all(v.dtype == np.float32 and v.ndim <= 2 for v in align.values())  # sums, not per-sample rows
+    rows = record_arrays(reply.content["usage"])["token_rows"]
+    assert rows.shape == (model.state_dict()[TOKEN_EMBEDDINGS].shape[0],) and 0 < rows.sum() < rows.size
+    assert dict(reply.content["site"]) == {"site": "es-1", "community": "es"}
+    # no report text anywhere in the reply
+    reports = {r.report for r in read_manifest(synthetic_data)}
+    assert not any(str(v) in reports for rec in reply.content.config_records.values() for v in rec.values())
+
+
+def test_site_with_another_vocabulary_is_refused(setup):
+    rc, _, model, _ = setup
+    with pytest.raises(VocabMismatchError, match="differs from the expected"):
+        InProcessGrid(rc).send_and_receive([_train_message(model, "0" * 64)])
+
+
+def test_weights_of_another_architecture_are_refused(setup, run_config):
+    rc, _, model, sha = setup
+    other = InProcessGrid(run_config("model.head.embed_dim=64"))
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped"):
+        other.send_and_receive([_train_message(model, sha)])
+
+
+def test_partition_without_site_is_a_clear_error(setup):
+    rc, _, model, sha = setup
+    grid = InProcessGrid({**rc, "sites": "en-1:en"})
+    with pytest.raises(Exception, match="partition 1 has no site"):
+        grid.send_and_receive([_train_message(model, sha, node=2)])
+
+
+def test_site_with_rows_of_another_language_is_refused(setup):
+    rc, _, model, sha = setup
+    grid = InProcessGrid({**rc, "sites": "en-1:es,es-1:es"})  # en-1's rows are English
+    with pytest.raises(SiteDataError, match="declared 'es'"):
+        grid.send_and_receive([_train_message(model, sha, node=1)])
+
+
+def test_evaluate_and_statistics_queries(setup):
+    rc, _, model, sha = setup
+    grid = InProcessGrid(rc)
+    content = RecordDict({"arrays": arrays_record(model_arrays(model)), "config": ConfigRecord({"vocab-sha": sha})})
+    ev = grid.send_and_receive([Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=1)])[0]
+    metrics = dict(ev.content["metrics"])
+    assert 0.0 <= metrics["zeroshot_auc"] <= 1.0 and metrics["num-examples"] > 0
+    for query, prefix in (("query.stats", "en/"), ("query.community", "en/text_head.")):
+        reply = grid.send_and_receive([Message(content=content, message_type=query, dst_node_id=1)])[0]
+        keys = list(record_arrays(reply.content["align"]))
+        assert keys and all(k.startswith(prefix) for k in keys)

@@ -1,0 +1,90 @@
+"""The coordinator's round loop over the real ClientApp (in-process grid): logs,
+export, alignment state, and resume after a coordinator crash."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medunic_core.evaluation.run import community_stats_of_run, load_run
+from server.rounds import EXPORT_DIR, ROUNDS_FILE, SERVER_CHECKPOINT, FederatedRun
+
+from .grid import InProcessGrid
+
+
+class CrashingGrid(InProcessGrid):
+    """Dies when the coordinator sends the training messages of ``crash_round``."""
+
+    def __init__(self, run_config: dict, crash_round: int) -> None:
+        super().__init__(run_config)
+        self.crash_round = crash_round
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" and m.content["config"]["server-round"] == self.crash_round
+               for m in messages):
+            raise RuntimeError("coordinator killed")
+        return super().send_and_receive(messages, timeout)
+
+
+def _final_arrays(run_dir) -> dict[str, np.ndarray]:
+    return torch.load(run_dir / SERVER_CHECKPOINT, weights_only=False)["arrays"]
+
+
+def test_two_rounds_mixed_norm_export_and_report(run_config, tmp_path):
+    rc = run_config("align.train_norm=mixed", "align.eval_norm=community")
+    grid = InProcessGrid(rc)
+    run = FederatedRun(rc)
+    export = run.run(grid)
+
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types[:2] == ["query.stats", "query.stats"]  # round 1 starts from a statistics pass
+    assert types.count("train") == 4 and types.count("query.community") == 4 and types.count("evaluate") == 4
+    round2_train = [m for m in grid.sent if m.metadata.message_type == "train"][2]
+    assert sorted({k.split("/")[0] for k in round2_train.content["align"].keys()}) == ["en", "es"]
+
+    rows = [json.loads(line) for line in (run.out / ROUNDS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert sorted(r["sites"]) == ["en-1", "es-1"] and r["rejected"] == [] and r["failed"] == 0
+        assert np.isfinite(r["train"]["train_loss"]) and r["train"]["train_tf_loss"] > 0
+        assert set(r["sites_eval"]) == {"en-1", "es-1"}
+        assert 0 <= r["central"]["zeroshot_en"] <= 1 and 0 <= r["central"]["R@5"] <= 1
+        assert "bias_silhouette_lang" in r["central"]
+
+    # the export is a run folder for `medunic eval` and carries the community statistics
+    cfg, _, model = load_run(export)
+    assert cfg.align.eval_norm == "community"
+    assert community_stats_of_run(export / "checkpoint.pt").communities == ["en", "es"]
+    assert (export / "eval" / "eval.json").is_file()
+    assert (export / "text_encoder" / "config.json").is_file() and (export / "image_encoder" / "config.json").is_file()
+    import timm
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(export / "text_encoder", local_files_only=True)
+    timm.create_model(f"local-dir:{export / 'image_encoder'}", pretrained=True)
+
+
+def test_coordinator_restart_resumes_with_the_same_weights(run_config, tmp_path):
+    straight = run_config(f"fed.out_dir={tmp_path / 'straight'}", "align.train_norm=mixed", "fed.strategy=fedadam")
+    FederatedRun(straight).run(InProcessGrid(straight))
+
+    crashed = run_config(f"fed.out_dir={tmp_path / 'crashed'}", "align.train_norm=mixed", "fed.strategy=fedadam")
+    with pytest.raises(RuntimeError, match="coordinator killed"):
+        FederatedRun(crashed).run(CrashingGrid(crashed, crash_round=2))
+    assert torch.load(tmp_path / "crashed" / SERVER_CHECKPOINT, weights_only=False)["round"] == 1
+    resumed_grid = InProcessGrid(crashed)
+    FederatedRun(crashed).run(resumed_grid)
+    assert [m.content["config"]["server-round"] for m in resumed_grid.sent
+            if m.metadata.message_type == "train"] == [2, 2]  # nothing redone, nothing lost
+
+    a, b = _final_arrays(tmp_path / "straight"), _final_arrays(tmp_path / "crashed")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    rows = [json.loads(x) for x in (tmp_path / "crashed" / ROUNDS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (tmp_path / "crashed" / EXPORT_DIR / "checkpoint.pt").is_file()
