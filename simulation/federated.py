@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the repository's pyproject
 CONNECTION = "medunic-sim"
+RUN_TAG = "MEDUNIC_SIMULATION_TAG"  # environment marker of the processes one simulation starts
 PROFILES = {"en": ("default", "portable", "lowdose"), "es": ("highres", "portable", "lowdose")}
 
 
@@ -76,17 +78,49 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment of every Flower process we start: offline, quiet, project-local home."""
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home)}
+def flower_env(flwr_home: Path, tag: str) -> dict[str, str]:
+    """The environment of every Flower process we start: offline, quiet, project-local
+    home, and a tag that finds them (and what they spawn, Ray included) to stop them."""
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), RUN_TAG: tag}
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per simulated site
     return env
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """PIDs of live processes whose environment carries ``RUN_TAG=tag``."""
+    marker = f"{RUN_TAG}={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_tagged(tag: str, grace: float = 10.0) -> None:
+    """SIGTERM every tagged process, SIGKILL what is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in tagged_processes(tag):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while tagged_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not tagged_processes(tag):
+            return
+
+
 @contextmanager
-def simulation_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
-    """Start a simulation SuperLink on free loopback ports; always stop it (and its
-    children: the simulation runtime and the ServerApp) when the block ends."""
+def simulation_superlink(flwr_home: Path, log_file: Path, tag: str) -> Iterator[str]:
+    """Start a simulation SuperLink on a free loopback port; always stop it and all it
+    spawned (simulation runtime, ServerApp, Ray) when the block ends."""
     port = _free_port()  # Flower 1.42 serves the runtime, control and fleet APIs on one HTTP port
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
@@ -99,7 +133,7 @@ def simulation_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
         "--disable-runtime-dependency-installation",
     ]
     with log_file.open("ab") as out:
-        proc = subprocess.Popen(command, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, env=flower_env(flwr_home, tag), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -114,24 +148,8 @@ def simulation_superlink(flwr_home: Path, log_file: Path) -> Iterator[str]:
             raise MedunicError(f"flower-superlink did not open 127.0.0.1:{port} within 60 s; see {log_file}")
         yield CONNECTION
     finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the SuperLink's process group, then SIGKILL what is left after 10 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        stop_tagged(tag)
+        proc.wait()
 
 
 def prepare(cfg_overrides: list[str], preset: str, progress: bool) -> tuple[MedUniCConfig, list[str], str]:
@@ -189,12 +207,13 @@ def simulate(
     )
     print(f"federated run: {n_sites} sites ({site_list}), {cfg.fed.rounds} rounds x {cfg.fed.local_steps} "
           f"local steps -> {run_dir}", flush=True)
-    with simulation_superlink(flwr_home, run_dir / "superlink.log") as connection:
+    tag = uuid.uuid4().hex
+    with simulation_superlink(flwr_home, run_dir / "superlink.log", tag) as connection:
         command = ["flwr", "run", str(APP_DIR), connection, "--stream",
                    "--run-config", str(run_config), "--federation-config", federation]
         with flower_log.open("w") as logf:
             proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("flwr")), *command[1:]], env=flower_env(flwr_home),
+                [str(Path(sys.executable).with_name("flwr")), *command[1:]], env=flower_env(flwr_home, tag),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=APP_DIR,
             )
             assert proc.stdout is not None

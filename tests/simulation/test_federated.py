@@ -1,0 +1,61 @@
+"""A real Flower simulation (SuperLink + Simulation Engine + Ray) through `medunic simulate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from medunic_core.cli import main
+from simulation.federated import parse_site_counts, site_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_simulate_en_and_es_sites_end_to_end(tmp_path, monkeypatch):
+    flwr_home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(flwr_home))
+    monkeypatch.chdir(tmp_path)  # data/ and cache/ of the run land here
+    run_dir = tmp_path / "fed"
+    rc = main([
+        "simulate", "--no-progress", "--sites", "en:1,es:1", "--pairs-per-site", "40", "--rounds", "2",
+        f"fed.out_dir={run_dir}", "fed.local_steps=2", "train.batch_size=8", "train.warmup_steps=1",
+        "vocab.vocab_size=300", "model.image.kwargs.depth=2", "model.text.num_layers=2",
+        "synth.image_size=96", "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]",
+        "align.train_norm=mixed", "align.eval_norm=community",
+    ])
+    assert rc == 0
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert sorted(r["sites"]) == ["en-1", "es-1"] and r["failed"] == 0
+        assert r["train"]["train_loss"] > 0
+        assert {s["community"] for s in r["sites_eval"].values()} == {"en", "es"}
+        assert 0 <= r["central"]["zeroshot_en"] <= 1 and 0 <= r["central"]["zeroshot_es"] <= 1
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| round |" in report and "Cross-lingual retrieval" in report
+    for png in ("losses.png", "zeroshot.png", "bias.png", "tsne_text.png"):
+        assert (run_dir / "report" / png).stat().st_size > 1000
+    assert (run_dir / "model" / "text_encoder" / "config.json").is_file()
+    # the SuperLink it started, and everything that SuperLink spawned (Ray too), is gone
+    assert subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True).stdout == b""
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, f"FLWR_HOME={flwr_home}")]
+
+
+def _has_env(pid: str, entry: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return entry.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def test_site_spec():
+    assert parse_site_counts("en:2,es:1") == [("en", 2), ("es", 1)]
+    overrides, sites = site_overrides("en:2,es:1", 50)
+    assert sites == "en-1:en,en-2:en,es-1:es"
+    assert "n: 50" in overrides[0] and "profile: portable" in overrides[0]
+    with pytest.raises(Exception, match="lang:count"):
+        parse_site_counts("fr:1")
