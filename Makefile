@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml scripts/setup-venv.sh
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/medunic demo
+	$(VENV)/bin/medunic simulate
 
 test: setup
 	$(PY) -m pytest
@@ -34,4 +34,4 @@ bench: setup
 	$(PY) benchmarks/data_pipeline.py
 
 clean:
-	rm -rf runs cache data/synthetic wandb .pytest_cache
+	rm -rf runs cache data/synthetic data/federated-* wandb .pytest_cache .flwr .flwr-test

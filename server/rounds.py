@@ -90,7 +90,9 @@ class FederatedRun:
                 arrays = record_arrays(aggregated, np.float32)
                 row["train"] = {k: float(v) for k, v in (metrics or {}).items()}
             if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                if self.cfg.align.eval_norm == "community":
+                # per-language P_l statistics: every evaluated round with eval_norm=community,
+                # and always at the end, so that the export supports both eval norms
+                if self.cfg.align.eval_norm == "community" or rnd == fed.rounds:
                     self.community = self._query_state(grid, "query.community", arrays, {})
                 row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
                 row["central"] = self._evaluate_central(arrays)
@@ -138,7 +140,7 @@ class FederatedRun:
 
     def _evaluate_sites(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         content = self._content(arrays, {"server-round": rnd})
-        if self.community is not None:
+        if self.community is not None and self.cfg.align.eval_norm == "community":
             content["align"] = arrays_record(self.community.to_flat())
         messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self._wait_for_nodes(grid)]
         out: dict[str, dict[str, float]] = {}
@@ -159,7 +161,8 @@ class FederatedRun:
         cache = ImageCache(self.cfg.data.cache_dir, self.cfg.model.image.cache_size)
         test = [r for r in read_manifest(manifest, self.cfg.data.langs) if r.split == self.cfg.eval.split]
         test, _ = prepare_images(test, cache, 1.0, progress=False)
-        res = evaluate_model(self.model, self.tokenizer, self.cfg, test, community=self.community, full=False, cache=cache)
+        community = self.community if self.cfg.align.eval_norm == "community" else None
+        res = evaluate_model(self.model, self.tokenizer, self.cfg, test, community=community, full=False, cache=cache)
         out: dict[str, Any] = {f"zeroshot_{lang}": z["macro_auc"] for lang, z in res["zeroshot"].items()}
         if "retrieval" in res:
             out.update({k: v for k, v in res["retrieval"]["mean"].items()})

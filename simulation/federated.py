@@ -167,8 +167,8 @@ def prepare(cfg_overrides: list[str], preset: str, progress: bool) -> tuple[MedU
     cfg = load_config(preset, overrides)
     warm = text_warmup(cfg, progress)
     overrides += [f"model.text.pretrained={Path(v.split('=', 1)[1]).resolve()}" for v in warm if v.startswith("model.text.pretrained=")]
-    tokenizer = next((v.split("=", 1)[1] for v in warm if v.startswith("train.tokenizer=")), None)
-    if tokenizer is None:
+    tokenizer = next((v.split("=", 1)[1] for v in warm if v.startswith("train.tokenizer=")), cfg.train.tokenizer)
+    if not tokenizer:
         folder = Path(cfg.fed.out_dir) / "tokenizer"
         records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
         build_tokenizer(cfg.vocab, [(r.report, r.lang) for r in records], folder, cfg.model.text.max_length)

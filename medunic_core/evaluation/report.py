@@ -256,13 +256,18 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f}"
 
 
-def compare_table(runs: Mapping[str, Union[Results, Sequence[Results]]]) -> str:
-    """Markdown table with one column per run and one row per headline metric.
+def compare_table(runs: Mapping[str, Union[Results, Sequence[Results]]], by_run: bool = False) -> str:
+    """Markdown table with one column per run and one row per headline metric (or, with
+    ``by_run``, one row per run: better for many variants).
 
     A run may be one results dict or a list of them (seeds), shown as mean ± std.
     """
     keys, table = _aggregate(runs)
     names = list(table)
+    if by_run:
+        lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        return "\n".join(lines + ["| " + n + " | " + " | ".join(_cell(table[n][k]) for k in keys) + " |"
+                                  for n in names])
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += ["| " + key + " | " + " | ".join(_cell(table[n][key]) for n in names) + " |"
               for key in keys]
@@ -270,7 +275,8 @@ def compare_table(runs: Mapping[str, Union[Results, Sequence[Results]]]) -> str:
 
 
 def write_comparison(
-    runs: Mapping[str, Union[Results, Sequence[Results]]], out_dir: Union[str, Path]
+    runs: Mapping[str, Union[Results, Sequence[Results]]], out_dir: Union[str, Path], by_run: bool = False,
+    preamble: str = "",
 ) -> tuple[Path, Path]:
     """Write ``compare.md`` (the table of :func:`compare_table`) and ``compare.json``.
 
@@ -284,7 +290,7 @@ def write_comparison(
     md_path.write_text(
         "# Comparison\n\nPrimary: cross-lingual retrieval R@k (DESIGN.md); zero-shot AUC and "
         "the language-ID probe saturate early, report but do not steer by them.\n\n"
-        + compare_table(runs) + "\n"
+        + (preamble + "\n\n" if preamble else "") + compare_table(runs, by_run) + "\n"
     )
     json_path.write_text(
         json.dumps(to_jsonable({"metrics": keys, "runs": table}), indent=2, allow_nan=False) + "\n"

@@ -56,3 +56,13 @@ def test_config_is_read_only():
     cfg = load_config("tiny")
     with pytest.raises(Exception):
         cfg.train.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["align.train_norm=global", "align.eval_norm=local", "fed.strategy=fedsgd", "fed.bn=none", "fed.wire_dtype=bf16"],
+)
+def test_choice_fields_name_the_allowed_values(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"bad value for '{key}'.*not one of"):
+        load_config("tiny", [override])

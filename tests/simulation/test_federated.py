@@ -59,3 +59,24 @@ def test_site_spec():
     assert "n: 50" in overrides[0] and "profile: portable" in overrides[0]
     with pytest.raises(Exception, match="lang:count"):
         parse_site_counts("fr:1")
+
+
+def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "exp"
+    rc = main([
+        "experiment", "--no-progress", "--seeds", "1", "--pairs-per-site", "40", "--out", str(out),
+        "fed.rounds=1", "fed.local_steps=2", "train.batch_size=8", "train.warmup_steps=1",
+        "vocab.vocab_size=300", "model.image.kwargs.depth=2", "model.text.num_layers=2",
+        "synth.image_size=96", "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]",
+        "mlm.steps=4", "mlm.warmup_steps=1",
+    ])
+    assert rc == 0
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    expected = {f"{v} / {c} / eval {n}" for v in ("centralized", "federated local", "federated mixed")
+                for c in ("ctr", "no-ctr") for n in ("global", "community")}
+    assert set(runs) == expected
+    assert all(runs[name]["R@1"]["values"] for name in runs)  # every variant was evaluated
+    table = (out / "compare.md").read_text()
+    assert "| run |" in table and "MLM-initialised" in table
