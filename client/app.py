@@ -119,10 +119,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     test = site_records(s.cfg, s.site.name, s.site.lang, s.cfg.eval.split, s.site.manifest)
     test, _ = prepare_images(test, s.cache, 1.0, progress=False)
-    community = None
+    community, train_records = None, ()
     if "align" in msg.content.array_records:
         community = AlignmentState.from_flat(record_arrays(msg.content["align"]))
-    results = evaluate_model(s.model, s.tokenizer, s.cfg, test, community=community, full=False, cache=s.cache)
+    elif s.cfg.align.eval_norm == "community":  # no federation statistics: measure its own language
+        train_records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    results = evaluate_model(
+        s.model, s.tokenizer, s.cfg, test, train_records, community, full=False, cache=s.cache, prompt_langs=[s.site.lang]
+    )
     zs = results["zeroshot"][s.site.lang]
     metrics = {"num-examples": len(test), "zeroshot_auc": float(zs["macro_auc"] or 0.0)}
     if "retrieval" in results:

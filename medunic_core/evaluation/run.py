@@ -136,13 +136,15 @@ def evaluate_model(
     full: bool = True,
     progress: bool = False,
     cache: Optional[ImageCache] = None,
+    prompt_langs: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """Metrics of a model on readable test records (the shared core of every evaluation).
 
     Zero-shot for each language of ``cfg.data.langs``; retrieval and community bias when
     the test set holds two languages or more; with ``full``, the linear probe on
     ``train``. ``align.eval_norm = community`` uses ``community`` statistics or, when
-    None, measures each language on the ``train`` reports.
+    None, measures each language on the ``train`` reports. ``prompt_langs`` limits the
+    zero-shot prompt languages (a site scores its own).
     """
     device = resolve_device(cfg.train.device)
     encoder = Encoder(model.to(device), tokenizer, cfg, device)
@@ -158,9 +160,10 @@ def evaluate_model(
     langs = [r.lang for r in test]
     text_emb, text_feat = encoder.texts([r.report for r in test], langs)
     labels = label_matrix(test, FINDINGS)
-    prompts = load_prompts(langs=cfg.data.langs)
+    prompt_langs = list(prompt_langs or cfg.data.langs)
+    prompts = load_prompts(langs=prompt_langs)
     results: dict[str, Any] = {"zeroshot": {}, "embeddings": {"text": text_emb, "langs": langs}}
-    for lang in cfg.data.langs:
+    for lang in prompt_langs:
         pos, neg = _prompt_embeddings(encoder, prompts, lang)
         results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
     if len(set(langs)) >= 2:

@@ -108,7 +108,8 @@ def test_gradients_reach_only_trainable_parameters():
     torch.manual_seed(0)
     model = create_model(cfg.model, vocab_size=50).train()
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(4, 3, 96, 96, generator=g)
+    size = cfg.model.image.size
+    images = torch.randn(4, 3, size, size, generator=g)
     ids = torch.randint(5, 50, (4, 12), generator=g)
     out = model(images, images.flip(-1), ids, torch.ones_like(ids))
     medunic_loss(out, cfg.loss)["loss"].backward()
@@ -129,7 +130,7 @@ def test_ctr_views_differ_only_through_dropout():
     cfg = load_config("tiny")
     model = create_model(cfg.model, vocab_size=50)
     ids = torch.randint(5, 50, (4, 12))
-    x = torch.randn(4, 3, 96, 96)
+    x = torch.randn(4, 3, cfg.model.image.size, cfg.model.image.size)
     model.train()
     out = model(x, x, ids, torch.ones_like(ids))
     assert not torch.allclose(out["ctr_a"], out["ctr_b"])
