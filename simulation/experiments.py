@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 CTR = {"ctr": "loss.ctr=true", "no-ctr": "loss.ctr=false"}
 TRAIN_NORMS = ("local", "mixed")
 EVAL_NORMS = ("global", "community")
+HEADLINE = (  # DESIGN.md's order: retrieval first, then community bias, then zero-shot
+    "retrieval/mean/R@1", "retrieval/mean/R@5", "retrieval/mean/chance@5",
+    "bias/text/lang_mean_dist_over_spread", "bias/text/silhouette_lang",
+    "zeroshot/en/macro_auc", "zeroshot/es/macro_auc",
+)
 DEFAULT_MLM_STEPS = 200  # DESIGN.md: experiments start from an MLM-initialised text encoder
 
 
@@ -78,7 +83,8 @@ def run_experiment(
                          sites, pairs_per_site, progress)
                 for norm, res in _evaluate_both(fed_dir / "model", progress).items():
                     rows.setdefault(f"federated {train_norm} / {ctr_name} / eval {norm}", []).append(res)
-            write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, site_list, steps))
+            write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, site_list, steps),
+                             columns=HEADLINE)
     print((root / "compare.md").read_text())
     return rows
 

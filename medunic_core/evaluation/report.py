@@ -256,13 +256,18 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f}"
 
 
-def compare_table(runs: Mapping[str, Union[Results, Sequence[Results]]], by_run: bool = False) -> str:
+def compare_table(
+    runs: Mapping[str, Union[Results, Sequence[Results]]],
+    by_run: bool = False,
+    columns: Optional[Sequence[str]] = None,
+) -> str:
     """Markdown table with one column per run and one row per headline metric (or, with
-    ``by_run``, one row per run: better for many variants).
+    ``by_run``, one row per run: better for many variants). ``columns`` picks metrics.
 
     A run may be one results dict or a list of them (seeds), shown as mean ± std.
     """
     keys, table = _aggregate(runs)
+    keys = [k for k in keys if columns is None or k in columns]
     names = list(table)
     if by_run:
         lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
@@ -276,7 +281,7 @@ def compare_table(runs: Mapping[str, Union[Results, Sequence[Results]]], by_run:
 
 def write_comparison(
     runs: Mapping[str, Union[Results, Sequence[Results]]], out_dir: Union[str, Path], by_run: bool = False,
-    preamble: str = "",
+    preamble: str = "", columns: Optional[Sequence[str]] = None,
 ) -> tuple[Path, Path]:
     """Write ``compare.md`` (the table of :func:`compare_table`) and ``compare.json``.
 
@@ -290,7 +295,7 @@ def write_comparison(
     md_path.write_text(
         "# Comparison\n\nPrimary: cross-lingual retrieval R@k (DESIGN.md); zero-shot AUC and "
         "the language-ID probe saturate early, report but do not steer by them.\n\n"
-        + (preamble + "\n\n" if preamble else "") + compare_table(runs, by_run) + "\n"
+        + (preamble + "\n\n" if preamble else "") + compare_table(runs, by_run, columns) + "\n"
     )
     json_path.write_text(
         json.dumps(to_jsonable({"metrics": keys, "runs": table}), indent=2, allow_nan=False) + "\n"

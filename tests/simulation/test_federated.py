@@ -77,6 +77,6 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     expected = {f"{v} / {c} / eval {n}" for v in ("centralized", "federated local", "federated mixed")
                 for c in ("ctr", "no-ctr") for n in ("global", "community")}
     assert set(runs) == expected
-    assert all(runs[name]["R@1"]["values"] for name in runs)  # every variant was evaluated
+    assert all(runs[name]["retrieval/mean/R@1"]["values"] for name in runs)  # every variant was evaluated
     table = (out / "compare.md").read_text()
-    assert "| run |" in table and "MLM-initialised" in table
+    assert "| run | retrieval/mean/R@1 |" in table and "MLM-initialised" in table
