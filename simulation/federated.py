@@ -82,6 +82,8 @@ def flower_env(flwr_home: Path, tag: str) -> dict[str, str]:
     """The environment of every Flower process we start: offline, quiet, project-local
     home, and a tag that finds them (and what they spawn, Ray included) to stop them."""
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), RUN_TAG: tag}
+    # Flower starts its helpers (flower-superexec, ...) by name: this environment's first
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per simulated site
     return env
 
