@@ -24,26 +24,6 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def fed_overrides(manifest: Path, out_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.manifest={manifest}",
-        f"data.cache_dir={manifest.parent / 'cache'}",
-        f"fed.out_dir={out_dir}",
-        "fed.rounds=2",
-        "fed.local_steps=2",
-        "train.batch_size=8",
-        "train.warmup_steps=1",
-        "logging.wandb=false",
-        "vocab.vocab_size=300",
-        "model.image.kwargs.depth=2",
-        "model.text.num_layers=2",
-        "eval.probe_fractions=[1.0]",
-        "eval.probe_seeds=[0]",
-        "eval.tsne=false",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="session")
 def fed_tokenizer(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config("tiny", ["vocab.vocab_size=300"])
@@ -54,13 +34,19 @@ def fed_tokenizer(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture
-def run_config(synthetic_data: Path, fed_tokenizer: Path, tmp_path: Path) -> Callable[..., dict]:
-    """``f(*extra_overrides)`` -> a Flower run config for two sites (en-1, es-1)."""
+def run_config(synthetic_data: Path, fed_tokenizer: Path, tmp_path: Path, train_overrides) -> Callable[..., dict]:
+    """``f(*extra_overrides)`` -> a Flower run config for two sites (en-1, es-1): the tests'
+    tiny model and data settings, two rounds of 2 local steps."""
 
     def make(*extra: str) -> dict:
+        overrides = [
+            *train_overrides(synthetic_data, tmp_path / "centralized"),
+            f"fed.out_dir={tmp_path / 'run'}", "fed.rounds=2", "fed.local_steps=2", "train.warmup_steps=1",
+            "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]", "eval.tsne=false", *extra,
+        ]
         return {
             "preset": "tiny",
-            "overrides": json.dumps(fed_overrides(synthetic_data, tmp_path / "run", *extra)),
+            "overrides": json.dumps(overrides),
             "sites": "en-1:en,es-1:es",
             "tokenizer": str(fed_tokenizer),
         }
