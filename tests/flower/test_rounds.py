@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from client.app import LOCAL_BN
+from client.records import record_arrays
 from medunic_core.evaluation.run import community_stats_of_run, load_run
 from server.rounds import EXPORT_DIR, ROUNDS_FILE, SERVER_CHECKPOINT, FederatedRun
 
@@ -88,3 +90,15 @@ def test_coordinator_restart_resumes_with_the_same_weights(run_config, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "crashed" / ROUNDS_FILE).read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert (tmp_path / "crashed" / EXPORT_DIR / "checkpoint.pt").is_file()
+
+
+def test_fedbn_sites_keep_their_own_batchnorms(run_config):
+    rc = run_config("fed.bn=local", "align.round1=local", "align.train_norm=mixed")
+    grid = InProcessGrid(rc)
+    FederatedRun(rc).run(grid)
+    assert "query.stats" not in [m.metadata.message_type for m in grid.sent]  # round 1 trained locally
+    kept = [record_arrays(ctx.state[LOCAL_BN]) for ctx in grid.contexts.values()]
+    assert kept[0] and kept[0].keys() == kept[1].keys()
+    assert all(".mlp.1." in k or ".norm." in k for k in kept[0])  # BatchNorm entries only
+    # each site's BatchNorm statistics are its own, not the average
+    assert any(not np.allclose(kept[0][k], kept[1][k]) for k in kept[0] if k.endswith("running_mean"))
