@@ -79,6 +79,16 @@ def mask_unused_rows(
         a[TOKEN_EMBEDDINGS] = patched.astype(a[TOKEN_EMBEDDINGS].dtype)
 
 
+def _pop_extras(msg: Message) -> dict[str, Any]:
+    """Remove and return the records of :data:`EXTRA_RECORDS` (None where absent)."""
+    out = {}
+    for key in EXTRA_RECORDS:
+        out[key] = msg.content[key] if key in msg.content else None
+        if key in msg.content:
+            del msg.content[key]
+    return out
+
+
 class MedUniCAggregation:
     """Mixin in front of a Flower strategy (see :func:`make_strategy`)."""
 
@@ -111,12 +121,9 @@ class MedUniCAggregation:
         failed = [m for m in replies if m.has_error()]
         for m in failed:
             log.warning("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
-        extras = [{k: m.content.array_records.get(k) or m.content.config_records.get(k) for k in EXTRA_RECORDS} for m in ok]
-        for m in ok:
-            for k in EXTRA_RECORDS:
-                if k in m.content:
-                    del m.content[k]
-        sites = [str(e["site"]["site"]) if e["site"] is not None else f"node-{m.metadata.src_node_id}" for e, m in zip(extras, ok)]
+        extras = [_pop_extras(m) for m in ok]  # Flower's FedAvg accepts one ArrayRecord per reply
+        sites = [str(e["site"]["site"]) if e["site"] is not None else f"node-{m.metadata.src_node_id}"
+                 for e, m in zip(extras, ok)]
         arrays = [record_arrays(m.content["arrays"], np.float32) for m in ok]  # never average in fp16
         norms = update_norms(arrays, self.global_arrays) if self.global_arrays else [0.0] * len(ok)
         rejected = outliers(norms, self.reject_factor)
