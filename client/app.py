@@ -29,8 +29,10 @@ from client.site import (
     site_cache,
     site_tokenizer,
 )
+from medunic_core import __version__
 from medunic_core.align import AlignmentState, community_statistics
 from medunic_core.data.dataset import prepare_images
+from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
 from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
 from medunic_core.local import collect_statistics, site_records, train_site
@@ -49,6 +51,10 @@ class _Setup:
         self.site = resolve_site(context.run_config, context.node_config, self.cfg)
         config = msg.content.config_records.get("config", ConfigRecord())
         self.round = int(config.get("server-round", 0))
+        version = str(config.get("app-version", __version__))
+        if version != __version__:
+            raise ConfigError(f"site '{self.site.name}' runs medunic {__version__}, the run uses {version}; "
+                              "install the coordinator's version at this site")
         self.tokenizer = site_tokenizer(self.site, str(config.get("vocab-sha", "")) or None)
         self.model = build_model(self.cfg, self.tokenizer)
         self.device = device()

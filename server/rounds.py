@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from client.records import arrays_record, record_arrays
 from client.site import build_model, parse_sites, run_medunic_config
+from medunic_core import __version__
 from medunic_core.align import AlignmentState
 from medunic_core.checkpoint import atomic_save, load_checkpoint
 from medunic_core.config import save_config, to_dict
@@ -122,7 +123,7 @@ class FederatedRun:
         return RecordDict(
             {
                 "arrays": arrays_record(arrays, np.float16 if self.cfg.fed.wire_dtype == "float16" else None),
-                "config": ConfigRecord({"vocab-sha": self.vocab_sha, **config}),
+                "config": ConfigRecord({"vocab-sha": self.vocab_sha, "app-version": __version__, **config}),
             }
         )
 

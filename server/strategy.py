@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from client.records import arrays_record, record_arrays
+from medunic_core import __version__
 from medunic_core.align import AlignmentState
 from medunic_core.config import MedUniCConfig
 from medunic_core.exchange import TOKEN_EMBEDDINGS, WIRE_DTYPES
@@ -106,6 +107,7 @@ class MedUniCAggregation:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_arrays = record_arrays(arrays, np.float32)
         config["vocab-sha"] = self.vocab_sha
+        config["app-version"] = __version__
         messages = list(super().configure_train(server_round, arrays, config, grid))
         down = arrays_record(self.global_arrays, self.wire_dtype)
         record = arrays_record(self.alignment.to_flat()) if self.alignment.communities else None

@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from client.records import arrays_record, record_arrays
 from client.site import build_model, run_medunic_config
 from medunic_core.data.manifest import read_manifest
-from medunic_core.errors import CheckpointMismatchError, SiteDataError, VocabMismatchError
+from medunic_core.errors import CheckpointMismatchError, ConfigError, SiteDataError, VocabMismatchError
 from medunic_core.exchange import TOKEN_EMBEDDINGS, model_arrays, wire_names
 from medunic_core.vocab import load_tokenizer, vocab_sha256
 
@@ -66,6 +66,14 @@ def test_site_with_another_vocabulary_is_refused(setup):
     rc, _, model, _ = setup
     with pytest.raises(VocabMismatchError, match="differs from the expected"):
         InProcessGrid(rc).send_and_receive([_train_message(model, "0" * 64)])
+
+
+def test_site_with_another_app_version_is_refused(setup):
+    rc, _, model, sha = setup
+    msg = _train_message(model, sha)
+    msg.content["config"]["app-version"] = "0.0.1"
+    with pytest.raises(ConfigError, match="runs medunic .*, the run uses 0.0.1"):
+        InProcessGrid(rc).send_and_receive([msg])
 
 
 def test_weights_of_another_architecture_are_refused(setup, run_config):
