@@ -186,7 +186,9 @@ class FedConfig:
     bn: str = "average"  # BatchNorm policy: "average" (FedAvg) or "local" (FedBN: never averaged)
     wire_dtype: str = "float32"  # float32 | float16 for the weights on the wire
     reject_factor: float = 10.0  # an update whose norm exceeds factor x median is rejected
-    min_sites: int = 0  # sites needed to start a round (0 = every site of the federation)
+    expected_sites: int = 0  # sites of the federation (0 = the run config's 'sites' list)
+    min_sites: int = 0  # fewest sites a round may go on with after site_wait (0 = all expected)
+    site_wait: float = 600.0  # seconds to wait for every expected site before a round starts
     round_timeout: float = 1800.0  # seconds the server waits for the replies of a round
     eval_every: int = 1  # rounds between evaluations
     resume: bool = True  # continue from out_dir/server_checkpoint.pt when it exists

@@ -34,3 +34,9 @@ class VocabMismatchError(MedunicError):
     """A tokenizer whose vocabulary differs from the one the model was built with."""
 
     exit_code = 5
+
+
+class FederationError(MedunicError):
+    """A federated run that cannot go on (too few sites, no usable update)."""
+
+    exit_code = 6

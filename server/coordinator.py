@@ -123,7 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser("run", help="start a federated run on the SuperLink and stream it")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tokenizer", required=True, help="the run's tokenizer folder (sites hold a copy)")
-    p.add_argument("--min-sites", type=int, default=2, help="sites a round needs (default: %(default)s)")
+    p.add_argument("--sites", type=int, required=True, help="number of sites in the federation")
+    p.add_argument("--min-sites", type=int, default=0,
+                   help="fewest sites a round may go on with after fed.site_wait (default: all)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_run)
 
@@ -140,6 +142,6 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = [*args.overrides, f"fed.min_sites={args.min_sites}"]
+    overrides = [*args.overrides, f"fed.expected_sites={args.sites}", f"fed.min_sites={args.min_sites}"]
     return run({"preset": args.preset, "overrides": json.dumps(overrides), "sites": "",
                 "tokenizer": str(Path(args.tokenizer).resolve())})

@@ -35,7 +35,7 @@ from medunic_core.exchange import load_arrays, model_arrays
 from medunic_core.export import export_model
 from medunic_core.train import start_wandb
 from medunic_core.vocab import load_tokenizer, vocab_sha256
-from server.strategy import make_strategy
+from server.strategy import make_strategy, wait_for_sites
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
 
@@ -52,9 +52,10 @@ class FederatedRun:
         self.out = Path(self.cfg.fed.out_dir)
         spec = str(run_config.get("sites", "") or "")
         self.sites = parse_sites(spec) if spec else []
-        self.num_sites = self.cfg.fed.min_sites or len(self.sites)
+        self.num_sites = self.cfg.fed.expected_sites or len(self.sites)
         if self.num_sites <= 0:
-            raise ConfigError("say how many sites a round needs: run config 'sites' or fed.min_sites")
+            raise ConfigError("say how many sites the federation has: run config 'sites' or fed.expected_sites")
+        self.min_sites = min(self.cfg.fed.min_sites or self.num_sites, self.num_sites)
         self.tokenizer_dir = str(run_config.get("tokenizer", "") or "")
         if not self.tokenizer_dir:
             raise ConfigError("run config 'tokenizer' (the run's tokenizer folder) is not set")
@@ -94,7 +95,9 @@ class FederatedRun:
                 # per-language P_l statistics: every evaluated round with eval_norm=community,
                 # and always at the end, so that the export supports both eval norms
                 if self.cfg.align.eval_norm == "community" or rnd == fed.rounds:
-                    self.community = self._query_state(grid, "query.community", arrays, {})
+                    # a community without a reply this time keeps its last statistics
+                    fresh = self._query_state(grid, "query.community", arrays, {})
+                    self.community = (self.community or AlignmentState()).replaced_by(fresh)
                 row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
                 row["central"] = self._evaluate_central(arrays)
             row["seconds"] = time.perf_counter() - t0
@@ -110,14 +113,7 @@ class FederatedRun:
 
     # -- messages ---------------------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.cfg.fed.round_timeout
-        while True:
-            nodes = list(grid.get_node_ids())
-            if len(nodes) >= self.num_sites:
-                return nodes
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {self.num_sites} sites connected")
-            time.sleep(1.0)
+        return wait_for_sites(grid, self.num_sites, self.min_sites, self.cfg.fed.site_wait, "coordinator")
 
     def _content(self, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> RecordDict:
         return RecordDict(
@@ -163,7 +159,13 @@ class FederatedRun:
         test = [r for r in read_manifest(manifest, self.cfg.data.langs) if r.split == self.cfg.eval.split]
         test, _ = prepare_images(test, cache, 1.0, progress=False)
         community = self.community if self.cfg.align.eval_norm == "community" else None
-        res = evaluate_model(self.model, self.tokenizer, self.cfg, test, community=community, full=False, cache=cache)
+        langs = [lang for lang in self.cfg.data.langs if community is None or lang in community.communities]
+        if len(langs) < len(self.cfg.data.langs):
+            log.warning("central evaluation without %s: no site of that community has sent statistics yet",
+                        sorted(set(self.cfg.data.langs) - set(langs)))
+        test = [r for r in test if r.lang in langs]
+        res = evaluate_model(self.model, self.tokenizer, self.cfg, test, community=community, full=False,
+                             cache=cache, prompt_langs=langs)
         out: dict[str, Any] = {f"zeroshot_{lang}": z["macro_auc"] for lang, z in res["zeroshot"].items()}
         if "retrieval" in res:
             out.update({k: v for k, v in res["retrieval"]["mean"].items()})

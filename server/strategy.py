@@ -15,6 +15,7 @@ server optimizer). :class:`MedUniCAggregation` is put in front of one of them an
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -26,6 +27,7 @@ from client.records import arrays_record, record_arrays
 from medunic_core import __version__
 from medunic_core.align import AlignmentState
 from medunic_core.config import MedUniCConfig
+from medunic_core.errors import FederationError
 from medunic_core.exchange import TOKEN_EMBEDDINGS, WIRE_DTYPES
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
@@ -80,6 +82,26 @@ def mask_unused_rows(
         a[TOKEN_EMBEDDINGS] = patched.astype(a[TOKEN_EMBEDDINGS].dtype)
 
 
+def wait_for_sites(grid: Grid, expected: int, minimum: int, wait: float, what: str) -> list[int]:
+    """Node ids once ``expected`` sites are connected, or after ``wait`` seconds with at
+    least ``minimum``; fewer than that stops the run with a message saying so."""
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() >= deadline:
+            if len(nodes) >= minimum:
+                log.warning("%s: %d of %d sites connected after %.0f s; going on with them", what, len(nodes),
+                            expected, wait)
+                return nodes
+            raise FederationError(
+                f"{what}: only {len(nodes)} of {expected} sites connected after {wait:.0f} s and a round needs "
+                f"{minimum} (fed.min_sites); stopping. Restart the coordinator to resume after the last round."
+            )
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
+
+
 def _pop_extras(msg: Message) -> dict[str, Any]:
     """Remove and return the records of :data:`EXTRA_RECORDS` (None where absent)."""
     out = {}
@@ -94,9 +116,11 @@ class MedUniCAggregation:
     """Mixin in front of a Flower strategy (see :func:`make_strategy`)."""
 
     def __init__(
-        self, *args: Any, reject_factor: float = 10.0, vocab_sha: str = "", wire_dtype: str = "float32", **kwargs: Any
+        self, *args: Any, reject_factor: float = 10.0, vocab_sha: str = "", wire_dtype: str = "float32",
+        expected_sites: int = 1, site_wait: float = 600.0, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.expected_sites, self.site_wait = expected_sites, site_wait
         self.reject_factor = reject_factor
         self.vocab_sha = vocab_sha
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
@@ -106,6 +130,8 @@ class MedUniCAggregation:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_arrays = record_arrays(arrays, np.float32)
+        nodes = wait_for_sites(grid, self.expected_sites, self.min_train_nodes, self.site_wait, f"round {server_round}")
+        self.min_available_nodes = len(nodes)  # Flower's sampling would otherwise wait forever
         config["vocab-sha"] = self.vocab_sha
         config["app-version"] = __version__
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -185,14 +211,17 @@ class MedUniCFedAdam(MedUniCAggregation, FedAdam):
 
 
 def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str) -> MedUniCAggregation:
-    """The configured strategy; every round waits for ``fed.min_sites`` (default: all)."""
-    need = cfg.fed.min_sites or num_sites
+    """The configured strategy: a round waits ``fed.site_wait`` for all ``num_sites``, then
+    goes on with at least ``fed.min_sites`` (default: all of them)."""
+    need = min(cfg.fed.min_sites or num_sites, num_sites)
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=need,
         min_evaluate_nodes=need,
         min_available_nodes=need,
+        expected_sites=num_sites,
+        site_wait=cfg.fed.site_wait,
         reject_factor=cfg.fed.reject_factor,
         vocab_sha=vocab_sha,
         wire_dtype=cfg.fed.wire_dtype,

@@ -199,6 +199,10 @@ def evaluate(
     community = None
     if cfg.align.eval_norm == "community":  # a federated export carries them; else measured on train
         community = community_stats_of_run(checkpoint or Path(run_dir) / CHECKPOINT_FILE)
+        missing = sorted(set(r.lang for r in test) - set(community.communities if community else []))
+        if community is not None and missing:
+            log.warning("the run carries no statistics for %s: measuring every language on its train reports", missing)
+            community = None
     results = evaluate_model(model, tokenizer, cfg, test, train, community, True, progress, cache)
     embeddings = results.pop("embeddings")
     results = {

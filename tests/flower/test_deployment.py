@@ -57,7 +57,7 @@ def test_tls_and_site_auth_two_rounds(tmp_path, monkeypatch, synthetic_data, fed
         # an unregistered key is refused by the SuperLink: that SuperNode exits
         assert sites["rogue"].wait(timeout=120) != 0
         overrides = [*train_overrides(synthetic_data, tmp_path / "unused"), f"fed.out_dir={tmp_path / 'run'}",
-                     "fed.rounds=2", "fed.local_steps=2", "fed.min_sites=2", "eval.probe_fractions=[1.0]",
+                     "fed.rounds=2", "fed.local_steps=2", "fed.expected_sites=2", "eval.probe_fractions=[1.0]",
                      "eval.probe_seeds=[0]", "eval.tsne=false", f"data.cache_dir={tmp_path / 'cache-server'}"]
         rc = coordinator.run({"preset": "tiny", "overrides": json.dumps(overrides), "sites": "",
                               "tokenizer": str(fed_tokenizer)}, timeout=600, log_file=tmp_path / "run.log")

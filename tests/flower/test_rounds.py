@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from flwr.app import Error, Message
 
 from client.app import LOCAL_BN
 from client.records import record_arrays
+from medunic_core.errors import FederationError
 from medunic_core.evaluation.run import community_stats_of_run, load_run
 from server.rounds import EXPORT_DIR, ROUNDS_FILE, SERVER_CHECKPOINT, FederatedRun
 
@@ -102,3 +104,40 @@ def test_fedbn_sites_keep_their_own_batchnorms(run_config):
     assert all(".mlp.1." in k or ".norm." in k for k in kept[0])  # BatchNorm entries only
     # each site's BatchNorm statistics are its own, not the average
     assert any(not np.allclose(kept[0][k], kept[1][k]) for k in kept[0] if k.endswith("running_mean"))
+
+
+class LosingGrid(InProcessGrid):
+    """Node 2 answers round 1 with an error (it died mid-round) and is gone afterwards."""
+
+    def get_node_ids(self):
+        return [1] if self.lost else [1, 2]
+
+    lost = False
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if any(m.metadata.message_type == "train" for m in messages) and not self.lost:
+            self.lost = True
+            alive = [m for m in messages if m.metadata.dst_node_id == 1]
+            died = [Message(Error(code=0, reason="site died mid-round"), reply_to=m)
+                    for m in messages if m.metadata.dst_node_id == 2]
+            return super().send_and_receive(alive, timeout) + died
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_site_lost_mid_round_does_not_stop_the_run(run_config):
+    rc = run_config("fed.min_sites=1", "fed.site_wait=0.5")
+    run = FederatedRun(rc)
+    run.run(LosingGrid(rc))
+    rows = [json.loads(x) for x in (run.out / ROUNDS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["failed"] == 1 and rows[0]["sites"] == ["en-1"]  # round 1 aggregated the survivor
+    assert rows[1]["failed"] == 0 and rows[1]["sites"] == ["en-1"]  # round 2 went on without waiting forever
+
+
+def test_too_few_sites_stop_the_run_with_a_clear_message(run_config):
+    rc = run_config("fed.site_wait=0.3")  # min_sites defaults to all sites
+    grid = LosingGrid(rc)
+    grid.lost = True
+    with pytest.raises(FederationError, match=r"only 1 of 2 sites connected after 0 s.*fed.min_sites"):
+        FederatedRun(rc).run(grid)
