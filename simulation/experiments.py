@@ -9,12 +9,14 @@ For every seed it trains, from one shared MLM-initialised text encoder:
 
 and evaluates every trained model with ``align.eval_norm`` global and community (an
 evaluation-time choice: the same weights, two normalisations). It writes one table with
-mean and spread over seeds, one row per variant (``experiment.md`` / ``.json``).
+mean and spread over seeds, one row per variant (``compare.md`` / ``.json``). Running the
+same command again reuses every trained model and evaluation already in the folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,11 +42,13 @@ DEFAULT_MLM_STEPS = 200  # DESIGN.md: experiments start from an MLM-initialised 
 
 
 def _evaluate_both(run_dir: Path, progress: bool) -> dict[str, dict[str, Any]]:
-    return {
-        norm: evaluate(run_dir, run_dir / f"eval-{norm}", [f"align.eval_norm={norm}", "eval.tsne=false"],
-                       progress=progress)
-        for norm in EVAL_NORMS
-    }
+    """Both evaluation norms of one trained model; an evaluation already written is reused."""
+    out = {}
+    for norm in EVAL_NORMS:
+        done = run_dir / f"eval-{norm}" / "eval.json"
+        out[norm] = json.loads(done.read_text()) if done.is_file() else evaluate(
+            run_dir, run_dir / f"eval-{norm}", [f"align.eval_norm={norm}", "eval.tsne=false"], progress=progress)
+    return out
 
 
 def run_experiment(
@@ -72,15 +76,16 @@ def run_experiment(
         for ctr_name, ctr in CTR.items():
             run = root / f"central-{ctr_name}" / f"seed{seed}"
             ccfg = load_config(preset, [*shared, ctr, f"train.seed={seed}", f"train.out_dir={run}",
-                                        f"train.max_steps={steps}", "train.resume=false"])
-            train(ccfg, progress=progress)
+                                        f"train.max_steps={steps}"])
+            train(ccfg, progress=progress)  # resumes (or returns at once) when the run exists
             for norm, res in _evaluate_both(run, progress).items():
                 rows.setdefault(f"centralized / {ctr_name} / eval {norm}", []).append(res)
             for train_norm in TRAIN_NORMS:
                 fed_dir = root / f"fed-{train_norm}-{ctr_name}" / f"seed{seed}"
-                simulate(preset, [*shared, ctr, f"train.seed={seed}", f"align.train_norm={train_norm}",
-                                  f"fed.out_dir={fed_dir}", "fed.resume=false", "eval.tsne=false"],
-                         sites, pairs_per_site, progress)
+                if not (fed_dir / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
+                    simulate(preset, [*shared, ctr, f"train.seed={seed}", f"align.train_norm={train_norm}",
+                                      f"fed.out_dir={fed_dir}", "eval.tsne=false"],
+                             sites, pairs_per_site, progress)
                 for norm, res in _evaluate_both(fed_dir / "model", progress).items():
                     rows.setdefault(f"federated {train_norm} / {ctr_name} / eval {norm}", []).append(res)
             write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, site_list, steps),
