@@ -124,16 +124,22 @@ def check_site(
     return report
 
 
+def refusals(report: CheckReport, max_bad: float) -> list[str]:
+    """Why a site with this report may not join (empty: it may)."""
+    out = []
+    if report.bad_fraction > max_bad:
+        out.append(f"{100 * report.bad_fraction:.1f}% of the rows are bad (allowed: {100 * max_bad:.1f}%)")
+    if not report.splits.get("train"):
+        out.append("no usable training rows")
+    return out
+
+
 def run_check(args: argparse.Namespace) -> int:
     report = check_site(args.data, args.language, args.site, progress=not args.no_progress)
     print(report.summary())
-    refusals = []
-    if report.bad_fraction > args.max_bad:
-        refusals.append(f"{100 * report.bad_fraction:.1f}% of the rows are bad (allowed: {100 * args.max_bad:.1f}%)")
-    if not report.splits.get("train"):
-        refusals.append("no usable training rows")
-    if refusals:
-        print("REFUSED: " + "; ".join(refusals) + ". Fix or drop the rows listed above.")
+    refused = refusals(report, args.max_bad)
+    if refused:
+        print("REFUSED: " + "; ".join(refused) + ". Fix or drop the rows listed above.")
         return SiteDataError.exit_code
     print("OK: this site can join a federation.")
     return 0

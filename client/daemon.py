@@ -10,14 +10,13 @@ telemetry, update check and runtime dependency installation are off.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from client.check import check_site
-from medunic_core.cli import OFFLINE_ENV
+from client.check import check_site, refusals
+from medunic_core.cli import subprocess_env
 from medunic_core.constants import LANGUAGES
 from medunic_core.errors import ConfigError, SiteDataError
 
@@ -47,15 +46,13 @@ def supernode_command(superlink: str, site: str, lang: str, data: Path, cache: P
 def start(args: argparse.Namespace) -> subprocess.Popen:
     report = check_site(args.data, args.language, args.site, progress=False)
     print(report.summary())
-    if report.bad_fraction > args.max_bad or not report.splits.get("train"):
-        raise SiteDataError(f"site '{args.site}' refused to start: {100 * report.bad_fraction:.1f}% bad rows "
-                            f"(allowed {100 * args.max_bad:.1f}%) or no training rows; see the list above")
+    refused = refusals(report, args.max_bad)
+    if refused:
+        raise SiteDataError(f"site '{args.site}' refused to start: {'; '.join(refused)}; see the list above")
     command = supernode_command(args.superlink, args.site, args.language, Path(args.data), Path(args.cache),
                                 Path(args.tokenizer), Path(args.ca) if args.ca else None,
                                 Path(args.key) if args.key else None, args.port, args.insecure)
-    env = {**os.environ, **OFFLINE_ENV}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return subprocess.Popen(command, env=env)
+    return subprocess.Popen(command, env=subprocess_env())
 
 
 def add_start_parser(subparsers: argparse._SubParsersAction) -> None:

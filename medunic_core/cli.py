@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from medunic_core.errors import MedunicError
@@ -27,6 +28,15 @@ OFFLINE_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for the tools we start (Flower's SuperLink/SuperNode/flwr): offline and
+    quiet, with this environment's scripts first on PATH, because those tools start their
+    helpers (flower-superexec, ...) by name."""
+    env = {**os.environ, **OFFLINE_ENV, **extra}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
 
 
 def add_config_args(parser: argparse.ArgumentParser, preset: Optional[str] = "tiny") -> None:

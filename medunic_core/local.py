@@ -60,6 +60,18 @@ def site_records(cfg: MedUniCConfig, site: str, lang: str, split: str, manifest:
     return records
 
 
+def _site_loader(records: Sequence[Record], cache: ImageCache, tokenizer, cfg: MedUniCConfig, seed: int):
+    """(sampler, loader) of full training batches of two image views and the reports."""
+    img = cfg.model.image
+    dataset = PairDataset(records, cache, TwoViewTransform(img.size, img.mean, img.std), seed)
+    sampler = EpochSampler(len(dataset), seed)
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=TextCollator(tokenizer, cfg.model.text.max_length), drop_last=True,
+    )
+    return sampler, loader
+
+
 def train_site(
     model: MedUniC,
     records: Sequence[Record],
@@ -81,14 +93,7 @@ def train_site(
         raise SiteDataError(f"a site trains on one language community, got {sorted(langs)}")
     if len(records) < tr.batch_size:
         raise SiteDataError(f"{len(records)} training pairs are fewer than one batch of {tr.batch_size}")
-    img = cfg.model.image
-    seed = tr.seed + 7919 * server_round
-    dataset = PairDataset(records, cache, TwoViewTransform(img.size, img.mean, img.std), seed)
-    sampler = EpochSampler(len(dataset), seed)
-    loader = DataLoader(
-        dataset, batch_size=tr.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=TextCollator(tokenizer, cfg.model.text.max_length), drop_last=True,
-    )
+    sampler, loader = _site_loader(records, cache, tokenizer, cfg, tr.seed + 7919 * server_round)
 
     model.to(device).train()
     mode = "mixed" if cfg.align.train_norm == "mixed" and others is not None and others.communities else "local"
@@ -154,13 +159,7 @@ def collect_statistics(
     """A statistics-only pass (``align.round1 = stats``): the alignment sums of a few
     training-mode batches, with no update (BatchNorm running statistics are restored)."""
     records, _ = prepare_images(records, cache, progress=False)
-    img = cfg.model.image
-    dataset = PairDataset(records, cache, TwoViewTransform(img.size, img.mean, img.std), cfg.train.seed)
-    sampler = EpochSampler(len(dataset), cfg.train.seed)
-    loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=TextCollator(tokenizer, cfg.model.text.max_length),
-    )
+    _, loader = _site_loader(records, cache, tokenizer, cfg, cfg.train.seed)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device).train()
     aligner = Aligner(model, mode="local", include_image=cfg.align.image)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from medunic_core.cli import OFFLINE_ENV
+from medunic_core.cli import subprocess_env
 from medunic_core.errors import ConfigError, MedunicError
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -33,23 +33,21 @@ def flwr_home() -> Path:
 
 
 def coordinator_env() -> dict[str, str]:
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home())}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
+    return subprocess_env(FLWR_HOME=str(flwr_home()))
 
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def write_connection(address: str, ca: Optional[Path], insecure: bool) -> Path:
-    """``[superlink.medunic]`` in ``$FLWR_HOME/config.toml``: where ``flwr`` finds the SuperLink."""
-    home = flwr_home()
+def write_connection(address: str, ca: Optional[Path], insecure: bool, home: Optional[Path] = None,
+                     name: str = CONNECTION) -> Path:
+    """``[superlink.NAME]`` in ``$FLWR_HOME/config.toml``: where ``flwr`` finds the SuperLink."""
+    home = home or flwr_home()
     home.mkdir(parents=True, exist_ok=True)
     trust = "insecure = true" if insecure else f'root-certificates = "{Path(ca).resolve()}"'  # type: ignore[arg-type]
     path = home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                    f'address = "{address}"\n{trust}\n')
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{trust}\n')
     return path
 
 

@@ -27,7 +27,7 @@ from medunic_core.align import AlignmentState
 from medunic_core.checkpoint import atomic_save, load_checkpoint
 from medunic_core.config import save_config, to_dict
 from medunic_core.data.dataset import prepare_images
-from medunic_core.data.manifest import read_manifest
+from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import evaluate, evaluate_model
@@ -64,6 +64,7 @@ class FederatedRun:
         self.model = build_model(self.cfg, self.tokenizer)
         self.strategy = make_strategy(self.cfg, self.num_sites, self.vocab_sha)
         self.community: Optional[AlignmentState] = None
+        self._central_test: Optional[list[Record]] = None
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid) -> Path:
@@ -156,8 +157,10 @@ class FederatedRun:
             return {}
         load_arrays(self.model, arrays)
         cache = ImageCache(self.cfg.data.cache_dir, self.cfg.model.image.cache_size)
-        test = [r for r in read_manifest(manifest, self.cfg.data.langs) if r.split == self.cfg.eval.split]
-        test, _ = prepare_images(test, cache, 1.0, progress=False)
+        if self._central_test is None:  # read and decode the held-out set once per run
+            test = [r for r in read_manifest(manifest, self.cfg.data.langs) if r.split == self.cfg.eval.split]
+            self._central_test = prepare_images(test, cache, 1.0, progress=False)[0]
+        test = self._central_test
         community = self.community if self.cfg.align.eval_norm == "community" else None
         langs = [lang for lang in self.cfg.data.langs if community is None or lang in community.communities]
         if len(langs) < len(self.cfg.data.langs):

@@ -27,12 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from medunic_core.cli import OFFLINE_ENV, add_config_args
+from medunic_core.cli import add_config_args, subprocess_env
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import LANGUAGES
 from medunic_core.data.manifest import read_manifest
 from medunic_core.errors import ConfigError, MedunicError
 from medunic_core.vocab import build_tokenizer
+from server.coordinator import write_connection
 from simulation.centralized import ensure_synthetic_data, text_warmup
 from simulation.report import write_federated_report
 
@@ -81,9 +82,7 @@ def _free_port() -> int:
 def flower_env(flwr_home: Path, tag: str) -> dict[str, str]:
     """The environment of every Flower process we start: offline, quiet, project-local
     home, and a tag that finds them (and what they spawn, Ray included) to stop them."""
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), RUN_TAG: tag}
-    # Flower starts its helpers (flower-superexec, ...) by name: this environment's first
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = subprocess_env(FLWR_HOME=str(flwr_home), **{RUN_TAG: tag})
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per simulated site
     return env
 
@@ -124,11 +123,7 @@ def simulation_superlink(flwr_home: Path, log_file: Path, tag: str) -> Iterator[
     """Start a simulation SuperLink on a free loopback port; always stop it and all it
     spawned (simulation runtime, ServerApp, Ray) when the block ends."""
     port = _free_port()  # Flower 1.42 serves the runtime, control and fleet APIs on one HTTP port
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    write_connection(f"127.0.0.1:{port}", None, insecure=True, home=flwr_home, name=CONNECTION)
     command = [
         str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
         "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),

@@ -63,6 +63,7 @@ class Encoder:
             raise ValueError("community normalisation needs the language of every report")
         heads, feats = [], []
         bs = self.cfg.eval.batch_size
+        aligner = Aligner(self.model, mode="community", others=self.community) if self.community else None
         for i in range(0, len(texts), bs):
             tok = self.tokenizer(
                 list(texts[i : i + bs]), padding=True, truncation=True,
@@ -70,10 +71,9 @@ class Encoder:
             ).to(self.device)
             h = self.model.text_encoder(tok["input_ids"], tok["attention_mask"])
             feats.append(h.float().cpu())
-            if self.community is None:
+            if aligner is None:
                 heads.append(self.model.text_head(h).float().cpu())
                 continue
-            aligner = Aligner(self.model, mode="community", others=self.community)
             with aligner.attached():
                 aligner.begin_batch(list(langs[i : i + bs]))
                 heads.append(self.model.text_head(h).float().cpu())
