@@ -4,7 +4,9 @@ Each handler reads the site (client.site), builds the run's model, loads the rec
 weights, calls medunic_core and replies with what may leave a site (medunic_core.exchange):
 
 - ``train``: local training for one round -> weights, ``num-examples``, losses, this
-  round's alignment sums of the site's community and the token rows it used;
+  round's alignment sums of the site's community and the token rows it used; under
+  ``dp.updates`` the weights are the clipped, noised update (medunic_core.privacy), the
+  token rows are not sent and a ``privacy`` record says what the site has spent;
 - ``query.stats``: alignment sums of a few batches without training (round 1);
 - ``query.community``: per-language P_l statistics for ``align.eval_norm = community``;
 - ``evaluate``: zero-shot (and, with two languages, retrieval and bias) on the site's
@@ -34,8 +36,9 @@ from medunic_core.align import AlignmentState, community_statistics
 from medunic_core.data.dataset import prepare_images
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
-from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
+from medunic_core.exchange import WIRE_DTYPES, is_batchnorm_entry, load_arrays, model_arrays
 from medunic_core.local import collect_statistics, site_records, train_site
+from medunic_core.privacy import ReleaseLedger, check_release, release_update
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -59,11 +62,14 @@ class _Setup:
         self.model = build_model(self.cfg, self.tokenizer)
         self.device = device()
         self.cache = site_cache(self.site, self.cfg)
+        self.run_key = str(config.get("run-key", f"flower-run-{context.run_id}"))
+        self.received: dict[str, np.ndarray] = {}
         if "arrays" in msg.content.array_records:
             keep = {}
             if self.cfg.fed.bn == "local" and LOCAL_BN in context.state.array_records:
                 keep = {k: torch.from_numpy(v) for k, v in record_arrays(context.state[LOCAL_BN]).items()}
-            load_arrays(self.model, record_arrays(msg.content["arrays"], np.float32), keep)
+            self.received = record_arrays(msg.content["arrays"], np.float32)
+            load_arrays(self.model, self.received, keep)
 
     def identity(self) -> ConfigRecord:
         return ConfigRecord({"site": self.site.name, "community": self.site.lang})
@@ -72,29 +78,32 @@ class _Setup:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
+    dp, budget = s.cfg.dp.updates, (s.site.dp_max_epsilon, s.site.dp_max_delta)
+    private = dp.enabled or budget != (None, None)  # the run asks for DP, or the site's budget requires it
+    ledger = ReleaseLedger(s.site.ledger)
+    if private:  # refused before training when the site's budget allows no release
+        check_release(dp, s.cfg.fed.rounds, ledger, s.round, s.site.name, *budget)
     others = None
     if "align" in msg.content.array_records:
         others = AlignmentState.from_flat(record_arrays(msg.content["align"]))
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
-    arrays = model_arrays(s.model, s.cfg.fed.wire_dtype)
+    trained = model_arrays(s.model)
     if s.cfg.fed.bn == "local":
-        context.state[LOCAL_BN] = arrays_record(
-            {k: v.astype(np.float32) for k, v in model_arrays(s.model).items() if is_batchnorm_entry(s.model, k)}
-        )
+        context.state[LOCAL_BN] = arrays_record({k: v for k, v in trained.items() if is_batchnorm_entry(s.model, k)})
     metrics = {"num-examples": result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
-    return Message(
-        RecordDict(
-            {
-                "arrays": arrays_record(arrays),
-                "metrics": MetricRecord(metrics),
-                "align": arrays_record(result.alignment.to_flat()),
-                "usage": arrays_record({"token_rows": result.token_rows.astype(np.uint8)}),
-                "site": s.identity(),
-            }
-        ),
-        reply_to=msg,
-    )
+    content = {"metrics": MetricRecord(metrics), "align": arrays_record(result.alignment.to_flat()), "site": s.identity()}
+    if private:
+        trained, spent = release_update(s.received, trained, dp, s.cfg.fed.rounds, ledger, s.run_key, s.round,
+                                        s.site.name, *budget)
+        for k, v in trained.items():  # post-processing, free under DP: a noised variance stays a variance
+            if k.endswith(".running_var"):
+                np.maximum(v, 0.0, out=v)
+        content["privacy"] = ConfigRecord(spent)
+    else:
+        content["usage"] = arrays_record({"token_rows": result.token_rows.astype(np.uint8)})
+    wire = {k: v.astype(WIRE_DTYPES[s.cfg.fed.wire_dtype]) for k, v in trained.items()}
+    return Message(RecordDict({"arrays": arrays_record(wire), **content}), reply_to=msg)
 
 
 @app.query("stats")

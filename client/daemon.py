@@ -3,7 +3,8 @@
 It validates the site's data first (``medunic client check``) and refuses to start when
 too much of it is bad; then it runs ``flower-supernode`` against the coordinator with
 TLS (the federation's CA) and the site's SuperNode key, and with the node config the
-ClientApp reads: ``site``, ``lang``, ``data-path``, ``cache-dir``, ``tokenizer``. Flower's
+ClientApp reads: ``site``, ``lang``, ``data-path``, ``cache-dir``, ``tokenizer`` and the
+site's privacy budget ``dp-max-epsilon`` / ``dp-max-delta`` (medunic_core.privacy). Flower's
 telemetry, update check and runtime dependency installation are off.
 """
 
@@ -21,20 +22,27 @@ from medunic_core.constants import LANGUAGES
 from medunic_core.errors import ConfigError, SiteDataError
 
 
-def node_config(site: str, lang: str, data: Path, cache: Path, tokenizer: Path) -> str:
-    """The ``--node-config`` string (TOML values: strings quoted)."""
+def node_config(site: str, lang: str, data: Path, cache: Path, tokenizer: Path,
+                dp_max_epsilon: Optional[float] = None, dp_max_delta: Optional[float] = None) -> str:
+    """The ``--node-config`` string (TOML values: strings quoted, numbers not)."""
     values = {"site": site, "lang": lang, "data-path": str(data.resolve()), "cache-dir": str(cache.resolve()),
               "tokenizer": str(tokenizer.resolve())}
     for k, v in values.items():
         if "'" in v:
             raise ConfigError(f"{k} {v!r} contains a quote; use a path without one")
-    return " ".join(f"{k}='{v}'" for k, v in values.items())
+    budget = {"dp-max-epsilon": dp_max_epsilon, "dp-max-delta": dp_max_delta}
+    for k, b in budget.items():
+        if b is not None and not b > 0:
+            raise ConfigError(f"--{k} {b}: a privacy budget must be > 0")
+    return " ".join([*(f"{k}='{v}'" for k, v in values.items()),
+                     *(f"{k}={float(b)!r}" for k, b in budget.items() if b is not None)])
 
 
 def supernode_command(superlink: str, site: str, lang: str, data: Path, cache: Path, tokenizer: Path,
-                      ca: Optional[Path], key: Optional[Path], port: int, insecure: bool) -> list[str]:
-    command = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", superlink,
-               "--port", str(port), "--node-config", node_config(site, lang, data, cache, tokenizer)]
+                      ca: Optional[Path], key: Optional[Path], port: int, insecure: bool,
+                      dp_max_epsilon: Optional[float] = None, dp_max_delta: Optional[float] = None) -> list[str]:
+    command = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", superlink, "--port", str(port),
+               "--node-config", node_config(site, lang, data, cache, tokenizer, dp_max_epsilon, dp_max_delta)]
     if insecure:
         return command + ["--insecure"]
     if ca is None or key is None or not ca.is_file() or not key.is_file():
@@ -51,7 +59,8 @@ def start(args: argparse.Namespace) -> subprocess.Popen:
         raise SiteDataError(f"site '{args.site}' refused to start: {'; '.join(refused)}; see the list above")
     command = supernode_command(args.superlink, args.site, args.language, Path(args.data), Path(args.cache),
                                 Path(args.tokenizer), Path(args.ca) if args.ca else None,
-                                Path(args.key) if args.key else None, args.port, args.insecure)
+                                Path(args.key) if args.key else None, args.port, args.insecure,
+                                getattr(args, "dp_max_epsilon", None), getattr(args, "dp_max_delta", None))
     return subprocess.Popen(command, env=subprocess_env())
 
 
@@ -67,5 +76,9 @@ def add_start_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--key", default=None, help="this site's SuperNode private key")
     p.add_argument("--port", type=int, default=9094, help="local port of the SuperNode (default: %(default)s)")
     p.add_argument("--max-bad", type=float, default=0.05)
+    p.add_argument("--dp-max-epsilon", type=float, default=None,
+                   help="this site's privacy budget: train only in runs with update-level DP, and stop releasing "
+                        "updates before epsilon over all releases of its data passes this")
+    p.add_argument("--dp-max-delta", type=float, default=None, help="largest delta this site accepts")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (testing only)")
     p.set_defaults(func=lambda a: start(a).wait())

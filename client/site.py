@@ -1,7 +1,9 @@
 """Who this site is and what it has: read from Flower's run config and node config.
 
 Deployment: the SuperNode's node config names the site (``site``, ``lang``,
-``data-path`` to its manifest, optional ``cache-dir`` and ``tokenizer``). Simulation: the
+``data-path`` to its manifest, optional ``cache-dir`` and ``tokenizer``) and may set the
+site's privacy budget (``dp-max-epsilon``, ``dp-max-delta``: the site then trains only
+in runs with update-level DP and stops releasing updates before the budget is spent). Simulation: the
 node config only holds ``partition-id``; the run config's ``sites`` list
 (``"en-1:en,es-1:es"``) maps partitions to sites of the shared synthetic manifest. Either
 way nothing about a site is ever written in code.
@@ -63,6 +65,25 @@ class Site:
     manifest: str
     cache_dir: str
     tokenizer: str
+    dp_max_epsilon: Optional[float] = None
+    dp_max_delta: Optional[float] = None
+
+    @property
+    def ledger(self) -> Path:
+        """The site's record of released noisy updates (medunic_core.privacy.ReleaseLedger)."""
+        return Path(self.cache_dir) / "privacy" / f"{self.name}.json"
+
+
+def _budget(node_config: Mapping[str, Any], key: str) -> Optional[float]:
+    if key not in node_config:
+        return None
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"node config {key}={node_config[key]!r} is not a number") from exc
+    if value <= 0:
+        raise ConfigError(f"node config {key}={value}: a privacy budget must be > 0")
+    return value
 
 
 def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], cfg: MedUniCConfig) -> Site:
@@ -78,6 +99,7 @@ def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
         return Site(
             str(node_config["site"]), lang, str(node_config["data-path"]),
             str(node_config.get("cache-dir", cfg.data.cache_dir)), tokenizer,
+            _budget(node_config, "dp-max-epsilon"), _budget(node_config, "dp-max-delta"),
         )
     if "partition-id" not in node_config:
         raise ConfigError("node config has neither 'site' (deployment) nor 'partition-id' (simulation)")

@@ -195,6 +195,37 @@ class FedConfig:
 
 
 @dataclass
+class DpSgdConfig:
+    """Sample-level DP-SGD (Opacus) where the loss is per sample: MLM and linear probing."""
+
+    enabled: bool = False
+    epsilon: Optional[float] = None  # target epsilon of one training; sets the noise
+    noise_multiplier: Optional[float] = None  # or the noise directly (one of the two)
+    delta: Optional[float] = None  # required: the delta of the (epsilon, delta) guarantee
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound
+    probe_epochs: int = 30  # epochs of a DP linear probe (Poisson batches of eval.batch_size)
+    probe_lr: float = 0.5
+
+
+@dataclass
+class DpUpdateConfig:
+    """Update-level DP for federated VLP: each site clips its update and adds Gaussian
+    noise before it leaves the site (medunic_core.privacy)."""
+
+    enabled: bool = False
+    epsilon: Optional[float] = None  # target epsilon over fed.rounds releases; sets the noise
+    noise_multiplier: Optional[float] = None  # or the noise directly: std = noise_multiplier x clip
+    delta: Optional[float] = None  # required
+    clip: float = 1.0  # L2 bound of a site's update (all travelling arrays together)
+
+
+@dataclass
+class DpConfig:
+    sgd: DpSgdConfig = field(default_factory=DpSgdConfig)
+    updates: DpUpdateConfig = field(default_factory=DpUpdateConfig)
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = True
     wandb_project: str = "medunic"
@@ -214,6 +245,7 @@ class MedUniCConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -233,6 +265,29 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"bad value for '{key}': '{value}' is not one of {', '.join(allowed)}")
+
+
+def _check_dp(cfg: DictConfig) -> None:
+    """An enabled DP mechanism needs a delta in (0, 1) and exactly one of a positive target
+    epsilon or a positive noise multiplier, and a positive clipping bound."""
+    for name, bound in (("dp.sgd", "max_grad_norm"), ("dp.updates", "clip")):
+        dp = OmegaConf.select(cfg, name)
+        if not dp.enabled:
+            continue
+        if dp.delta is None:
+            raise ConfigError(f"{name}.enabled needs {name}.delta, the delta of the (epsilon, delta) guarantee "
+                              "(e.g. 1e-5, below 1 / number of records)")
+        if not 0 < dp.delta < 1:
+            raise ConfigError(f"bad value for '{name}.delta': {dp.delta} is not in (0, 1)")
+        if (dp.epsilon is None) == (dp.noise_multiplier is None):
+            raise ConfigError(f"{name}.enabled needs exactly one of {name}.epsilon (a target) or "
+                              f"{name}.noise_multiplier; got epsilon={dp.epsilon}, noise_multiplier={dp.noise_multiplier}")
+        if dp.epsilon is not None and dp.epsilon <= 0:
+            raise ConfigError(f"bad value for '{name}.epsilon': {dp.epsilon}; epsilon must be > 0")
+        if dp.noise_multiplier is not None and dp.noise_multiplier <= 0:
+            raise ConfigError(f"bad value for '{name}.noise_multiplier': {dp.noise_multiplier}; it must be > 0")
+        if dp[bound] <= 0:
+            raise ConfigError(f"bad value for '{name}.{bound}': {dp[bound]}; it must be > 0")
 
 
 def list_presets() -> list[str]:
@@ -297,6 +352,7 @@ def load_config(
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     _check_choices(cfg)
+    _check_dp(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
 

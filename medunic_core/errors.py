@@ -40,3 +40,9 @@ class FederationError(MedunicError):
     """A federated run that cannot go on (too few sites, no usable update)."""
 
     exit_code = 6
+
+
+class PrivacyBudgetError(MedunicError):
+    """A release that a site's privacy budget or DP requirement does not allow."""
+
+    exit_code = 7

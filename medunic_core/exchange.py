@@ -9,6 +9,7 @@ metrics. Never: images, report text, per-sample embeddings.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import numpy as np
@@ -45,6 +46,17 @@ def model_arrays(model: nn.Module, dtype: str = "float32") -> dict[str, np.ndarr
     state = model.state_dict()
     np_dtype = WIRE_DTYPES[dtype]
     return {n: state[n].detach().cpu().numpy().astype(np_dtype) for n in wire_names(model)}
+
+
+def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays (sorted names; each name, dtype, shape and bytes): a resumed
+    coordinator logs it for the weights and alignment state it loaded (server.rounds)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray], keep: Mapping[str, torch.Tensor] = {}) -> None:

@@ -4,6 +4,10 @@ Shuffled reports of every language, 15% of the tokens masked (80% [MASK], 10% a 
 token, 10% kept), AdamW with warm-up and cosine decay. The result is the base encoder
 (no MLM head) saved with ``save_pretrained`` next to the run's tokenizer, so that VLP
 starts from it with ``model.text.pretrained=OUT/text_encoder train.tokenizer=OUT/tokenizer``.
+
+With ``dp.sgd.enabled`` the stage is DP-SGD (medunic_core.privacy): Poisson-sampled
+batches, the loss a mean of per-report losses, and the epsilon spent logged with every
+metrics line and written to ``privacy.json``.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.nn import functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForMaskedLM, BertForMaskedLM
+from torch import nn
+from transformers import AutoModel, AutoModelForMaskedLM, BertForMaskedLM, BertModel
 
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import METRICS_FILE
 from medunic_core.data.manifest import read_manifest
 from medunic_core.models.encoders import bert_config, load_pretrained_text
+from medunic_core.privacy import PrivateTraining, make_private
 from medunic_core.train import build_optimizer, cosine_with_warmup, prepare_tokenizer, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -56,11 +63,76 @@ def mask_tokens(
     return inputs, labels
 
 
+def per_report_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over reports of each report's mean masked-token loss (DP-SGD needs a mean of
+    per-sample losses; a report without a masked token adds zero)."""
+    token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = (labels != IGNORE_INDEX).sum(1)
+    return (token.sum(1) / counted.clamp(min=1)).mean()
+
+
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless batches of indices, reshuffled every pass over the reports."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += torch.randperm(n, generator=generator).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
+
+def _poisson_batches(private: PrivateTraining):
+    """Endless Poisson-sampled batches of indices from Opacus's loader (may be empty)."""
+    while True:
+        for (indices,) in private.loader:
+            yield indices.tolist()
+
+
+class UntiedMlm(nn.Module):
+    """The encoder with an untied MLM head of standard layers, for DP-SGD: Opacus computes
+    per-sample gradients of Linear, LayerNorm and Embedding with its own hooks, but not of
+    Hugging Face's head, whose decoder shares the token embeddings and a bare bias."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        hidden, vocab = encoder.config.hidden_size, encoder.config.vocab_size
+        self.encoder = encoder
+        self.transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden))
+        self.decoder = nn.Linear(hidden, vocab)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # explicit per-report position and segment ids: BERT's defaults are one shared row,
+        # and Opacus needs every embedding lookup to carry the batch dimension
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).contiguous()
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+        return self.decoder(self.transform(hidden))
+
+
+def _mlm_model(cfg: MedUniCConfig, vocab_size: int, pad_token_id: int) -> nn.Module:
+    """HF's masked-LM model, or under DP-SGD the encoder with an :class:`UntiedMlm` head."""
+    text = cfg.model.text
+    if cfg.dp.sgd.enabled:
+        if text.pretrained:
+            encoder = load_pretrained_text(text.pretrained, vocab_size, AutoModel, add_pooling_layer=False)
+        else:
+            encoder = BertModel(bert_config(text, vocab_size, pad_token_id), add_pooling_layer=False)
+        return UntiedMlm(encoder)
+    if text.pretrained:
+        return load_pretrained_text(text.pretrained, vocab_size, AutoModelForMaskedLM)
+    return BertForMaskedLM(bert_config(text, vocab_size, pad_token_id))
+
+
 @dataclass
 class MlmResult:
     text_encoder: Path  # save_pretrained folder of the base encoder
     tokenizer: Path
     final_loss: float
+    privacy: Optional[dict[str, float]] = None  # epsilon, delta, noise... under dp.sgd
 
 
 def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
@@ -72,24 +144,31 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
     records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
     tokenizer = prepare_tokenizer(cfg, [(r.report, r.lang) for r in records], out_dir)
     text = cfg.model.text
-    if text.pretrained:
-        model = load_pretrained_text(text.pretrained, len(tokenizer), AutoModelForMaskedLM)
-    else:
-        model = BertForMaskedLM(bert_config(text, len(tokenizer), tokenizer.pad_token_id))
+    model = _mlm_model(cfg, len(tokenizer), tokenizer.pad_token_id)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.mlm.lr, cfg.mlm.weight_decay)
+    reports = [r.report for r in records]
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    private: Optional[PrivateTraining] = None
+    if cfg.dp.sgd.enabled:
+        indices = torch.utils.data.TensorDataset(torch.arange(len(reports)))
+        loader = torch.utils.data.DataLoader(indices, batch_size=cfg.mlm.batch_size, generator=generator)
+        private = make_private(model, optimizer, loader, cfg.dp.sgd, cfg.mlm.steps)
+        model, optimizer = private.model, private.optimizer
+        batches = _poisson_batches(private)
+        log.info("DP-SGD: noise multiplier %.3f, sample rate %.4f, delta %g", private.noise_multiplier,
+                 private.sample_rate, private.delta)
+    else:
+        batches = _shuffled_batches(len(reports), cfg.mlm.batch_size, generator)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(cfg.mlm.warmup_steps, cfg.mlm.steps, 0.0)
     )
-    reports = [r.report for r in records]
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    order: list[int] = []
     metrics = (out_dir / METRICS_FILE).open("w")
     loss_value = float("nan")
     for step in tqdm(range(1, cfg.mlm.steps + 1), desc="MLM", disable=not progress):
-        while len(order) < cfg.mlm.batch_size:  # reshuffle every pass over the reports
-            order += torch.randperm(len(reports), generator=generator).tolist()
-        batch, order = order[: cfg.mlm.batch_size], order[cfg.mlm.batch_size :]
+        batch = next(batches)
+        # an empty Poisson batch still takes a (noise-only) DP step: one report with weight 0
+        weight, batch = (1.0, batch) if batch else (0.0, [0])
         tok = tokenizer(
             [reports[i] for i in batch], padding=True, truncation=True, max_length=text.max_length,
             return_tensors="pt", return_special_tokens_mask=True,
@@ -98,20 +177,34 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
         inputs, labels = mask_tokens(
             tok["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), cfg.mlm.mask_prob, generator
         )
-        out = model(input_ids=inputs.to(device), attention_mask=tok["attention_mask"].to(device), labels=labels.to(device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        inputs, mask, labels = inputs.to(device), tok["attention_mask"].to(device), labels.to(device)
+        if private is None:
+            loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+        else:
+            loss = weight * per_report_loss(model(input_ids=inputs, attention_mask=mask), labels)
+        loss.backward()
+        if weight:
+            loss_value = float(loss.detach())
+        if private is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        loss_value = float(out.loss.detach())
         if step % cfg.mlm.log_every == 0 or step == cfg.mlm.steps:
-            metrics.write(json.dumps({"step": step, "mlm_loss": loss_value, "lr": scheduler.get_last_lr()[0]}) + "\n")
+            row = {"step": step, "mlm_loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            if private is not None:
+                row["dp_epsilon"] = private.epsilon()
+            metrics.write(json.dumps(row) + "\n")
             metrics.flush()
     metrics.close()
     encoder_dir = out_dir / "text_encoder"
-    model.base_model.save_pretrained(encoder_dir)  # the encoder without the MLM head
-    return MlmResult(encoder_dir, Path(cfg.train.tokenizer or out_dir / "tokenizer"), loss_value)
+    trained = private.model._module if private is not None else model  # Opacus wraps the model
+    trained.base_model.save_pretrained(encoder_dir)  # the encoder without the MLM head
+    privacy = None
+    if private is not None:
+        privacy = {"mechanism": "DP-SGD (Opacus), per report", **private.summary()}
+        (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=1))
+    return MlmResult(encoder_dir, Path(cfg.train.tokenizer or out_dir / "tokenizer"), loss_value, privacy)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -124,5 +217,9 @@ def _main(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.overrides, config_file=args.config)
     result = train_mlm(cfg, progress=not args.no_progress)
     print(f"MLM done, final loss {result.final_loss:.3f}")
+    if result.privacy:
+        p = result.privacy
+        print(f"DP-SGD: epsilon {p['epsilon']:.3f} at delta {p['delta']:g} after {p['steps']} steps "
+              f"(noise multiplier {p['noise_multiplier']:.3f}, sample rate {p['sample_rate']:.4f})")
     print(f"use it: model.text.pretrained={result.text_encoder} train.tokenizer={result.tokenizer}")
     return 0

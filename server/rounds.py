@@ -5,13 +5,14 @@ strategy's configure/aggregate methods round by round, which lets a restarted
 coordinator resume after the last completed round with the same weights, alignment state
 and server-optimizer state. Every round appends one JSON line to ``rounds.jsonl`` (and
 to wandb, offline by default); the end exports the model (medunic_core.export) and
-evaluates it with ``medunic eval``.
+evaluates it with ``medunic eval`` and writes the run's report (server.report).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -31,10 +32,11 @@ from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import evaluate, evaluate_model
-from medunic_core.exchange import load_arrays, model_arrays
+from medunic_core.exchange import arrays_sha256, load_arrays, model_arrays
 from medunic_core.export import export_model
 from medunic_core.train import start_wandb
 from medunic_core.vocab import load_tokenizer, vocab_sha256
+from server.report import write_federated_report
 from server.strategy import make_strategy, wait_for_sites
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
@@ -64,6 +66,8 @@ class FederatedRun:
         self.model = build_model(self.cfg, self.tokenizer)
         self.strategy = make_strategy(self.cfg, self.num_sites, self.vocab_sha)
         self.community: Optional[AlignmentState] = None
+        self.resumed: Optional[dict[str, Any]] = None  # what _restore loaded, for the first resumed row
+        self.run_key = secrets.token_hex(8)  # names this run in the sites' privacy ledgers; kept on resume
         self._central_test: Optional[list[Record]] = None
 
     # -- the loop ---------------------------------------------------------------------
@@ -75,7 +79,8 @@ class FederatedRun:
         ckpt = self.out / SERVER_CHECKPOINT
         if fed.resume and ckpt.is_file():
             arrays, start = self._restore(ckpt)
-            log.info("resuming after round %d from %s", start - 1, ckpt)
+            log.info("resuming after round %d from %s: %s", start - 1, ckpt, json.dumps(self.resumed))
+            self._drop_rows_from(start)
         elif (self.out / ROUNDS_FILE).exists():
             (self.out / ROUNDS_FILE).unlink()
         wandb_run = start_wandb(self.cfg, self.out) if self.cfg.logging.wandb else None
@@ -83,10 +88,13 @@ class FederatedRun:
             t0 = time.perf_counter()
             if rnd == 1 and self.cfg.align.train_norm == "mixed" and self.cfg.align.round1 == "stats":
                 self.strategy.alignment = self._query_state(grid, "query.stats", arrays, {"batches": 4})
-            messages = self.strategy.configure_train(rnd, arrays_record(arrays), ConfigRecord(), grid)
+            messages = self.strategy.configure_train(rnd, arrays_record(arrays), ConfigRecord({"run-key": self.run_key}),
+                                                    grid)
             replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
             aggregated, metrics = self.strategy.aggregate_train(rnd, replies)
             row: dict[str, Any] = {"round": rnd, **self.strategy.last_round}
+            if rnd == start and self.resumed:
+                row["resumed"] = self.resumed
             if aggregated is None:
                 log.error("round %d: no usable update (failed or rejected); weights unchanged", rnd)
             else:
@@ -102,9 +110,9 @@ class FederatedRun:
                 row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
                 row["central"] = self._evaluate_central(arrays)
             row["seconds"] = time.perf_counter() - t0
-            self._save(ckpt, rnd, arrays)
-            with (self.out / ROUNDS_FILE).open("a") as f:
+            with (self.out / ROUNDS_FILE).open("a") as f:  # the row first: a resume redoes its round
                 f.write(json.dumps(row) + "\n")
+            self._save(ckpt, rnd, arrays)
             if wandb_run:
                 wandb_run.log(_flatten(row), step=rnd)
             log.info("round %d done in %.1f s: %s", rnd, row["seconds"], json.dumps(row.get("central", {}))[:300])
@@ -133,6 +141,7 @@ class FederatedRun:
             if reply.has_error():
                 log.warning("%s: node %d failed: %s", message_type, reply.metadata.src_node_id, reply.error.reason)
                 continue
+            self.strategy.node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["site"])
             state = state.merged(AlignmentState.from_flat(record_arrays(reply.content["align"])))
         return state
 
@@ -147,6 +156,7 @@ class FederatedRun:
                 log.warning("evaluate: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             site = reply.content["site"]
+            self.strategy.node_sites[reply.metadata.src_node_id] = str(site["site"])
             out[str(site["site"])] = {"community": str(site["community"]), **dict(reply.content["metrics"])}
         return out
 
@@ -186,6 +196,7 @@ class FederatedRun:
                 "community": self.community.to_flat() if self.community else None,
                 "strategy": self.strategy.state(),
                 "vocab_sha": self.vocab_sha,
+                "run_key": self.run_key,
                 "config": to_dict(self.cfg),
             },
             path,
@@ -199,14 +210,32 @@ class FederatedRun:
         self.strategy.alignment = AlignmentState.from_flat(state["alignment"])
         self.community = AlignmentState.from_flat(state["community"]) if state.get("community") else None
         self.strategy.load_state(state["strategy"])
+        self.resumed = {"after_round": int(state["round"]), "weights_sha256": arrays_sha256(model_arrays(self.model)),
+                        "alignment_sha256": arrays_sha256(self.strategy.alignment.to_flat())}
+        self.run_key = state.get("run_key", self.run_key)
         return state["arrays"], int(state["round"]) + 1
+
+    def _drop_rows_from(self, start: int) -> None:
+        """Keep the rows.jsonl rows of the rounds before ``start``: a row written just before the
+        coordinator died (its checkpoint not yet saved) belongs to a round the resume redoes."""
+        path = self.out / ROUNDS_FILE
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["round"]) < start:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut off by the crash
+                continue
+        path.write_text("".join(kept))
 
     def _export(self, arrays: dict[str, np.ndarray]) -> Path:
         load_arrays(self.model, arrays)
         folder = export_model(self.model, self.cfg, self.tokenizer_dir, self.out / EXPORT_DIR, self.community)
         if Path(self.cfg.data.manifest).is_file():
             evaluate(folder, folder / "eval", progress=False)
-        log.info("exported the final model to %s", folder)
+        log.info("exported the final model to %s; report: %s", folder, write_federated_report(self.out))
         return folder
 
 

@@ -9,7 +9,9 @@ server optimizer). :class:`MedUniCAggregation` is put in front of one of them an
 - token-embedding rows averaged only over the sites that used them (an English site must
   not dilute Spanish rows); rows nobody used keep their current value;
 - rejection of non-finite and outlier updates (norm above ``reject_factor`` times the
-  median of the other sites' norms), logged and counted, never averaged.
+  median of the other sites' norms), logged and counted, never averaged;
+- under update-level DP, each site's ``privacy`` record (the epsilon it has spent) kept
+  for the round's log; such sites send no token rows, so every row is averaged.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from medunic_core.exchange import TOKEN_EMBEDDINGS, WIRE_DTYPES
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
 
-EXTRA_RECORDS = ("align", "usage", "site")  # popped before Flower's aggregation
+EXTRA_RECORDS = ("align", "usage", "site", "privacy")  # popped before Flower's aggregation
 STRATEGY_STATE = ("m_t", "v_t")  # FedAdam's moments: checkpointed with the round
 
 
@@ -127,6 +129,8 @@ class MedUniCAggregation:
         self.alignment = AlignmentState()
         self.global_arrays: dict[str, np.ndarray] = {}
         self.last_round: dict[str, Any] = {}  # what the last aggregation did, for the logs
+        self.sent_to: list[int] = []  # nodes asked to train this round
+        self.node_sites: dict[int, str] = {}  # node id -> site name, from earlier replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.global_arrays = record_arrays(arrays, np.float32)
@@ -135,6 +139,7 @@ class MedUniCAggregation:
         config["vocab-sha"] = self.vocab_sha
         config["app-version"] = __version__
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent_to = [m.metadata.dst_node_id for m in messages]
         down = arrays_record(self.global_arrays, self.wire_dtype)
         record = arrays_record(self.alignment.to_flat()) if self.alignment.communities else None
         for msg in messages:  # all messages share one content record
@@ -146,12 +151,17 @@ class MedUniCAggregation:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Any]:
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
-        failed = [m for m in replies if m.has_error()]
-        for m in failed:
-            log.warning("round %d: node %d failed: %s", server_round, m.metadata.src_node_id, m.error.reason)
         extras = [_pop_extras(m) for m in ok]  # Flower's FedAvg accepts one ArrayRecord per reply
         sites = [str(e["site"]["site"]) if e["site"] is not None else f"node-{m.metadata.src_node_id}"
                  for e, m in zip(extras, ok)]
+        self.node_sites.update({m.metadata.src_node_id: site for m, site in zip(ok, sites)})
+        # an error reply may come from the SuperLink (a lost node), so name the silent nodes
+        answered = {m.metadata.src_node_id for m in ok}
+        failed = [self.node_sites.get(n, f"node-{n}") for n in self.sent_to if n not in answered]
+        reasons = [m.error.reason for m in replies if m.has_error()]
+        if failed:
+            log.warning("round %d: no update from %s (%s)", server_round, ", ".join(failed),
+                        "; ".join(reasons) or "no reply before fed.round_timeout")
         arrays = [record_arrays(m.content["arrays"], np.float32) for m in ok]  # never average in fp16
         norms = update_norms(arrays, self.global_arrays) if self.global_arrays else [0.0] * len(ok)
         rejected = outliers(norms, self.reject_factor)
@@ -163,8 +173,12 @@ class MedUniCAggregation:
             "sites": [sites[i] for i in keep],
             "rejected": [sites[i] for i in rejected],
             "failed": len(failed),
+            "failed_sites": failed,
             "update_norms": dict(zip(sites, norms)),
         }
+        privacy = {site: dict(e["privacy"]) for site, e in zip(sites, extras) if e["privacy"] is not None}
+        if privacy:  # every release counts, also one rejected afterwards
+            self.last_round["privacy"] = privacy
         if not keep:
             return None, None
         accepted = [ok[i] for i in keep]

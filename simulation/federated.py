@@ -5,7 +5,7 @@ each language community, the shared tokenizer and, with ``mlm.steps > 0``, an
 MLM-initialised text encoder), then runs ``flwr run <app> <connection> --stream`` against
 a simulation SuperLink that it starts itself on free loopback ports with a project-local
 ``FLWR_HOME``, streams the progress, stops that SuperLink (and everything it spawned)
-whatever happens, and writes the report of the run folder.
+whatever happens, and points to the report the coordinator wrote in the run folder.
 
 Until the federated vocabulary and MLM stages exist (issue 5), the tokenizer and the MLM
 warm-up are computed centrally on the synthetic training reports.
@@ -35,7 +35,6 @@ from medunic_core.errors import ConfigError, MedunicError
 from medunic_core.vocab import build_tokenizer
 from server.coordinator import write_connection
 from simulation.centralized import ensure_synthetic_data, text_warmup
-from simulation.report import write_federated_report
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def simulate(
         tail = flower_log.read_text().splitlines()[-30:]
         raise MedunicError(f"the federated run did not finish (flwr exit {proc.returncode}); last lines of "
                            f"{flower_log}:\n" + "\n".join(tail))
-    report = write_federated_report(run_dir)
+    report = run_dir / "report" / "report.md"  # written by the coordinator (server.rounds)
     print(f"\nreport: {report}")
     return run_dir
 

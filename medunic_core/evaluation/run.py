@@ -26,7 +26,7 @@ from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.bias import community_bias
-from medunic_core.evaluation.linear_probe import linear_probe
+from medunic_core.evaluation.linear_probe import dp_linear_probe, linear_probe
 from medunic_core.evaluation.prompts import load_prompts
 from medunic_core.evaluation.report import format_eval_markdown, plot_tsne, write_eval_report
 from medunic_core.evaluation.retrieval import cross_lingual_retrieval
@@ -173,10 +173,16 @@ def evaluate_model(
         results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
     if full and train:
         train_feat = encoder.images(train, cache, progress)[1]
-        results["linear_probe"] = linear_probe(
-            train_feat, label_matrix(train, FINDINGS), img_feat, labels,
-            cfg.eval.probe_fractions, cfg.eval.probe_seeds,
-        )
+        if cfg.dp.sgd.enabled:  # the probe's labels are private data too: DP-SGD
+            results["linear_probe"] = dp_linear_probe(
+                train_feat, label_matrix(train, FINDINGS), img_feat, labels, cfg.dp.sgd,
+                cfg.eval.probe_fractions, cfg.eval.probe_seeds, batch_size=cfg.eval.batch_size,
+            )
+        else:
+            results["linear_probe"] = linear_probe(
+                train_feat, label_matrix(train, FINDINGS), img_feat, labels,
+                cfg.eval.probe_fractions, cfg.eval.probe_seeds,
+            )
     return results
 
 

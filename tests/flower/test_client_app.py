@@ -108,3 +108,50 @@ def test_evaluate_and_statistics_queries(setup):
         reply = grid.send_and_receive([Message(content=content, message_type=query, dst_node_id=1)])[0]
         keys = list(record_arrays(reply.content["align"]))
         assert keys and all(k.startswith(prefix) for k in keys)
+
+
+def test_dp_train_reply_is_clipped_noised_and_sends_no_token_rows(run_config, fed_tokenizer, tmp_path):
+    clip = 0.5
+    rc = run_config("dp.updates.enabled=true", "dp.updates.delta=1e-5", "dp.updates.noise_multiplier=1e-6",
+                    f"dp.updates.clip={clip}", f"data.cache_dir={tmp_path / 'cache'}")
+    cfg = run_medunic_config(rc)
+    tok = load_tokenizer(fed_tokenizer)
+    model = build_model(cfg, tok)
+    reply = InProcessGrid(rc).send_and_receive([_train_message(model, vocab_sha256(tok))])[0]
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == TRAIN_REPLY - {"usage"} | {"privacy"}
+    sent, received = record_arrays(reply.content["arrays"]), model_arrays(model)
+    update = np.sqrt(sum(float(np.sum((sent[k].astype(np.float64) - received[k]) ** 2)) for k in sent))
+    assert update <= clip * 1.01  # clipped (the noise is negligible here)
+    privacy = dict(reply.content["privacy"])
+    assert privacy["releases"] == 1 and privacy["delta"] == 1e-5 and privacy["clip"] == clip
+    assert set(privacy) == {"epsilon", "epsilon_all_runs", "delta", "releases", "noise_multiplier", "clip"}
+
+
+def test_site_privacy_budget_stops_releases(run_config, fed_tokenizer, synthetic_data, tmp_path):
+    """Deployment node config with a budget: a run without DP is refused; with DP the site
+    releases while its epsilon over all releases stays within the budget, then refuses."""
+    from flwr.app import Context
+
+    from client.app import app as client_app
+    from medunic_core.privacy import UPDATE_SENSITIVITY, rdp_epsilon
+
+    node = {"site": "en-1", "lang": "en", "data-path": str(synthetic_data), "cache-dir": str(tmp_path / "cache"),
+            "tokenizer": str(fed_tokenizer), "dp-max-epsilon": 0.0}
+    noise = 2.0
+    one = rdp_epsilon([(noise / UPDATE_SENSITIVITY, 1.0, 1)], 1e-5)
+    two = rdp_epsilon([(noise / UPDATE_SENSITIVITY, 1.0, 2)], 1e-5)
+    node["dp-max-epsilon"] = (one + two) / 2  # room for exactly one release
+    tok = load_tokenizer(fed_tokenizer)
+
+    def send(rc):
+        model = build_model(run_medunic_config(rc), tok)
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=rc)
+        return client_app(_train_message(model, vocab_sha256(tok)), ctx)
+
+    with pytest.raises(Exception, match="trains only in runs with dp.updates.enabled=true"):
+        send(run_config())
+    dp = run_config("dp.updates.enabled=true", "dp.updates.delta=1e-5", f"dp.updates.noise_multiplier={noise}")
+    assert dict(send(dp).content["privacy"])["epsilon"] == pytest.approx(one)
+    with pytest.raises(Exception, match="over its budget dp-max-epsilon"):
+        send(dp)

@@ -14,6 +14,7 @@ from client.app import LOCAL_BN
 from client.records import record_arrays
 from medunic_core.errors import FederationError
 from medunic_core.evaluation.run import community_stats_of_run, load_run
+from medunic_core.exchange import arrays_sha256
 from server.rounds import EXPORT_DIR, ROUNDS_FILE, SERVER_CHECKPOINT, FederatedRun
 
 from .grid import InProcessGrid
@@ -79,7 +80,10 @@ def test_coordinator_restart_resumes_with_the_same_weights(run_config, tmp_path)
     crashed = run_config(f"fed.out_dir={tmp_path / 'crashed'}", "align.train_norm=mixed", "fed.strategy=fedadam")
     with pytest.raises(RuntimeError, match="coordinator killed"):
         FederatedRun(crashed).run(CrashingGrid(crashed, crash_round=2))
-    assert torch.load(tmp_path / "crashed" / SERVER_CHECKPOINT, weights_only=False)["round"] == 1
+    saved = torch.load(tmp_path / "crashed" / SERVER_CHECKPOINT, weights_only=False)
+    assert saved["round"] == 1
+    with (tmp_path / "crashed" / ROUNDS_FILE).open("a") as f:  # as if it died after round 2's row, before its save
+        f.write(json.dumps({"round": 2, "stale": True}) + "\n")
     resumed_grid = InProcessGrid(crashed)
     FederatedRun(crashed).run(resumed_grid)
     assert [m.content["config"]["server-round"] for m in resumed_grid.sent
@@ -90,7 +94,10 @@ def test_coordinator_restart_resumes_with_the_same_weights(run_config, tmp_path)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     rows = [json.loads(x) for x in (tmp_path / "crashed" / ROUNDS_FILE).read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [1, 2] and "stale" not in rows[1]
+    assert rows[1]["resumed"] == {"after_round": 1, "weights_sha256": arrays_sha256(saved["arrays"]),
+                                  "alignment_sha256": arrays_sha256(saved["alignment"])}
+    assert "resumed" not in rows[0]
     assert (tmp_path / "crashed" / EXPORT_DIR / "checkpoint.pt").is_file()
 
 
@@ -141,3 +148,28 @@ def test_too_few_sites_stop_the_run_with_a_clear_message(run_config):
     grid.lost = True
     with pytest.raises(FederationError, match=r"only 1 of 2 sites connected after 0 s.*fed.min_sites"):
         FederatedRun(rc).run(grid)
+
+
+def test_dp_run_reports_each_sites_epsilon_per_round(run_config):
+    """Update-level DP: every round logs each site's spent epsilon, equal to Opacus's RDP
+    accountant computed here for the same settings; the report has the privacy table."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+    from opacus.accountants import RDPAccountant
+
+    rc = run_config("dp.updates.enabled=true", "dp.updates.delta=1e-5", "dp.updates.epsilon=20", "dp.updates.clip=5",
+                    "fed.eval_every=2")
+    run = FederatedRun(rc)
+    run.run(InProcessGrid(rc))
+    rows = [json.loads(line) for line in (run.out / ROUNDS_FILE).read_text().splitlines()]
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    for r in rows:
+        assert set(r["privacy"]) == {"en-1", "es-1"}
+        for p in r["privacy"].values():
+            assert p["releases"] == r["round"] and p["delta"] == 1e-5 and p["clip"] == 5
+            # sensitivity 2 x clip, noise std noise_multiplier x clip, q = 1, one release per round
+            rdp = compute_rdp(q=1.0, noise_multiplier=p["noise_multiplier"] / 2, steps=r["round"], orders=orders)
+            assert p["epsilon"] == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0], rel=1e-9)
+    assert 19.8 <= rows[-1]["privacy"]["en-1"]["epsilon"] <= 20  # the target over fed.rounds releases
+    report = (run.out / "report" / "report.md").read_text()
+    assert "epsilon (max over sites)" in report and "## Differential privacy" in report
+    assert "Not covered by epsilon: alignment sums" in report

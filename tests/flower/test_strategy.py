@@ -116,5 +116,7 @@ def test_failed_replies_are_counted_not_averaged(strategy_and_requests):
     died = Message(Error(code=0, reason="site died mid-round"), reply_to=m1)
     arrays, _ = strategy.aggregate_train(1, [died, ok])
     assert strategy.last_round["failed"] == 1 and strategy.last_round["sites"] == ["es-1"]
+    # the error may come from the SuperLink (a lost node): the silent node is the one named
+    assert strategy.last_round["failed_sites"] == [f"node-{m1.metadata.dst_node_id}"]
     np.testing.assert_allclose(record_arrays(arrays)["w"], 2.0)
     assert strategy.aggregate_train(2, [died]) == (None, None)

@@ -7,7 +7,8 @@ Reads what the coordinator wrote (``rounds.jsonl``, one line per round, and the 
 - ``zeroshot.png``: zero-shot macro AUC per language community per round (central
   held-out set, and each site's own held-out split);
 - ``bias.png``: community-bias metrics and EN<->ES retrieval per round;
-- the t-SNE of report embeddings by language of the final model.
+- the t-SNE of report embeddings by language of the final model;
+- under update-level DP, the epsilon per round and each site's spent epsilon.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medunic_core.evaluation.report import format_eval_markdown
+from medunic_core.privacy import NOT_COVERED
 
 REPORT_DIR = "report"
 
@@ -85,16 +87,22 @@ def write_federated_report(run_dir: str | Path) -> Path:
     _plot(out / "bias.png", "community bias and EN<->ES retrieval (central held-out set)",
           {k: _series(rows, "central", k) for k in bias_keys}, "value")
 
+    private = any(r.get("privacy") for r in rows)
     lines = [f"# Federated run: {run_dir.name}", ""]
-    header = ["round", "sites", "rejected", "loss", *[f"zero-shot {lang}" for lang in langs], *bias_keys, "seconds"]
+    header = ["round", "sites", "rejected", "loss", *[f"zero-shot {lang}" for lang in langs], *bias_keys,
+              *(["epsilon (max over sites)"] if private else []), "seconds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         central, train = r.get("central") or {}, r.get("train") or {}
         cells = [str(r["round"]), ", ".join(r.get("sites", [])), ", ".join(r.get("rejected", [])) or "-",
                  _fmt(train.get("train_loss")), *[_fmt(central.get(f"zeroshot_{lang}")) for lang in langs],
-                 *[_fmt(central.get(k)) for k in bias_keys], _fmt(r.get("seconds"), 1)]
+                 *[_fmt(central.get(k)) for k in bias_keys],
+                 *([_fmt(max((p["epsilon"] for p in (r.get("privacy") or {}).values()), default=None))] if private else []),
+                 _fmt(r.get("seconds"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![losses](losses.png)", "![zero-shot](zeroshot.png)", "![bias](bias.png)", ""]
+    if private:
+        lines += privacy_section(rows)
     final = run_dir / "model" / "eval" / "eval.json"
     if final.is_file():
         results = json.loads(final.read_text())
@@ -105,6 +113,26 @@ def write_federated_report(run_dir: str | Path) -> Path:
             lines += ["![t-SNE of report embeddings](tsne_text.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def privacy_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Each site's spent epsilon (its last release in this run) and what it covers."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        for site, p in (r.get("privacy") or {}).items():
+            last[site] = {**p, "round": r["round"]}
+    lines = ["## Differential privacy (update-level, at each site)", "",
+             "| site | epsilon (this run) | epsilon (all releases of its data) | delta | releases | noise multiplier | clip |",
+             "|---|---|---|---|---|---|---|"]
+    for site, p in sorted(last.items()):
+        lines.append(f"| {site} | {p['epsilon']:.3f} | {p['epsilon_all_runs']:.3f} | {p['delta']:g} | {int(p['releases'])} "
+                     f"| {p['noise_multiplier']:.3f} | {p['clip']:g} |")
+    lines += ["", "Each site clipped its update to the L2 norm `clip` and added Gaussian noise of std "
+              "`noise multiplier x clip` before it left the site; epsilon is (epsilon, delta)-DP for each record and "
+              "for the site's data as a whole, against everyone who saw its updates, the coordinator included "
+              "(RDP accounting, sensitivity 2 x clip).",
+              f"Not covered by epsilon: {'; '.join(NOT_COVERED)}. Token-usage rows were not sent.", ""]
+    return lines
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
