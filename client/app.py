@@ -10,7 +10,11 @@ weights, calls medunic_core and replies with what may leave a site (medunic_core
 - ``query.stats``: alignment sums of a few batches without training (round 1);
 - ``query.community``: per-language P_l statistics for ``align.eval_norm = community``;
 - ``evaluate``: zero-shot (and, with two languages, retrieval and bias) on the site's
-  held-out split.
+  held-out split;
+- ``train.mlm``: the MLM stage: ``fed.local_steps`` masked-LM steps on the site's
+  reports -> weights of the text encoder and MLM head, loss, token rows (DP as in train);
+- ``query.vocab``: the vocabulary stage: per language, document frequencies of the words
+  in at least ``vocab.min_df`` of the site's reports (rarer words never leave the site).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flwr.clientapp import ClientApp
 
 from client.records import arrays_record, record_arrays
 from client.site import (
+    build_mlm_model,
     build_model,
     device,
     resolve_site,
@@ -38,7 +43,9 @@ from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
 from medunic_core.exchange import WIRE_DTYPES, is_batchnorm_entry, load_arrays, model_arrays
 from medunic_core.local import collect_statistics, site_records, train_site
+from medunic_core.mlm import train_mlm_site
 from medunic_core.privacy import ReleaseLedger, check_release, release_update
+from medunic_core.vocab import site_word_counts
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -49,7 +56,7 @@ LOCAL_BN = "local-bn"  # context.state record of this site's BatchNorms (fed.bn 
 class _Setup:
     """Everything a handler needs, from one incoming message and the node's context."""
 
-    def __init__(self, msg: Message, context: Context) -> None:
+    def __init__(self, msg: Message, context: Context, builder=build_model) -> None:
         self.cfg = run_medunic_config(context.run_config)
         self.site = resolve_site(context.run_config, context.node_config, self.cfg)
         config = msg.content.config_records.get("config", ConfigRecord())
@@ -59,7 +66,7 @@ class _Setup:
             raise ConfigError(f"site '{self.site.name}' runs medunic {__version__}, the run uses {version}; "
                               "install the coordinator's version at this site")
         self.tokenizer = site_tokenizer(self.site, str(config.get("vocab-sha", "")) or None)
-        self.model = build_model(self.cfg, self.tokenizer)
+        self.model = builder(self.cfg, self.tokenizer)
         self.device = device()
         self.cache = site_cache(self.site, self.cfg)
         self.run_key = str(config.get("run-key", f"flower-run-{context.run_id}"))
@@ -75,35 +82,60 @@ class _Setup:
         return ConfigRecord({"site": self.site.name, "community": self.site.lang})
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    s = _Setup(msg, context)
-    dp, budget = s.cfg.dp.updates, (s.site.dp_max_epsilon, s.site.dp_max_delta)
-    private = dp.enabled or budget != (None, None)  # the run asks for DP, or the site's budget requires it
-    ledger = ReleaseLedger(s.site.ledger)
-    if private:  # refused before training when the site's budget allows no release
-        check_release(dp, s.cfg.fed.rounds, ledger, s.round, s.site.name, *budget)
-    others = None
-    if "align" in msg.content.array_records:
-        others = AlignmentState.from_flat(record_arrays(msg.content["align"]))
-    records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
-    result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
+def _check_budget(s: _Setup) -> None:
+    """Refuse before training when the site's privacy budget allows no release."""
+    budget = (s.site.dp_max_epsilon, s.site.dp_max_delta)
+    if s.cfg.dp.updates.enabled or budget != (None, None):
+        check_release(s.cfg.dp.updates, s.cfg.fed.rounds, ReleaseLedger(s.site.ledger), s.round, s.site.name, *budget)
+
+
+def _update_reply(msg: Message, context: Context, s: _Setup, metrics: dict, token_rows: np.ndarray,
+                  extra: dict) -> Message:
+    """The reply of a training round: the weights (clipped and noised under update DP, with
+    a ``privacy`` record instead of the token-row flags), metrics, the site and ``extra``."""
     trained = model_arrays(s.model)
     if s.cfg.fed.bn == "local":
         context.state[LOCAL_BN] = arrays_record({k: v for k, v in trained.items() if is_batchnorm_entry(s.model, k)})
-    metrics = {"num-examples": result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
-    content = {"metrics": MetricRecord(metrics), "align": arrays_record(result.alignment.to_flat()), "site": s.identity()}
-    if private:
-        trained, spent = release_update(s.received, trained, dp, s.cfg.fed.rounds, ledger, s.run_key, s.round,
-                                        s.site.name, *budget)
+    content = {"metrics": MetricRecord(metrics), "site": s.identity(), **extra}
+    dp, budget = s.cfg.dp.updates, (s.site.dp_max_epsilon, s.site.dp_max_delta)
+    if dp.enabled or budget != (None, None):  # the run asks for DP, or the site's budget requires it
+        trained, spent = release_update(s.received, trained, dp, s.cfg.fed.rounds, ReleaseLedger(s.site.ledger),
+                                        s.run_key, s.round, s.site.name, *budget)
         for k, v in trained.items():  # post-processing, free under DP: a noised variance stays a variance
             if k.endswith(".running_var"):
                 np.maximum(v, 0.0, out=v)
         content["privacy"] = ConfigRecord(spent)
     else:
-        content["usage"] = arrays_record({"token_rows": result.token_rows.astype(np.uint8)})
+        content["usage"] = arrays_record({"token_rows": token_rows.astype(np.uint8)})
     wire = {k: v.astype(WIRE_DTYPES[s.cfg.fed.wire_dtype]) for k, v in trained.items()}
     return Message(RecordDict({"arrays": arrays_record(wire), **content}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    s = _Setup(msg, context)
+    _check_budget(s)
+    others = None
+    if "align" in msg.content.array_records:
+        others = AlignmentState.from_flat(record_arrays(msg.content["align"]))
+    records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
+    metrics = {"num-examples": result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
+    return _update_reply(msg, context, s, metrics, result.token_rows,
+                         {"align": arrays_record(result.alignment.to_flat())})
+
+
+@app.train("mlm")
+def train_mlm(msg: Message, context: Context) -> Message:
+    s = _Setup(msg, context, builder=build_mlm_model)
+    if s.cfg.dp.sgd.enabled:
+        raise ConfigError("dp.sgd in the federated MLM stage is not supported yet; use dp.updates (update-level "
+                          "DP at the site) or run `medunic mlm` with dp.sgd at one site")
+    _check_budget(s)
+    records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    result = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device)
+    metrics = {"num-examples": result.num_examples, "train_mlm_loss": result.loss, "train_lr": result.lr}
+    return _update_reply(msg, context, s, metrics, result.token_rows, {})
 
 
 @app.query("stats")
@@ -149,3 +181,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(
         RecordDict({"metrics": MetricRecord(metrics), "site": s.identity()}), reply_to=msg
     )
+
+
+@app.query("vocab")
+def vocab(msg: Message, context: Context) -> Message:
+    cfg = run_medunic_config(context.run_config)  # no tokenizer or model yet: this stage makes the vocabulary
+    site = resolve_site(context.run_config, context.node_config, cfg)
+    records = site_records(cfg, site.name, site.lang, "train", site.manifest)
+    counts = site_word_counts(cfg.vocab, [(r.report, r.lang) for r in records], cfg.model.text.max_length)
+    content = RecordDict({"site": ConfigRecord({"site": site.name, "community": site.lang})})
+    for lang, (df, reports) in counts.items():
+        words = sorted(df)
+        content[f"vocab.{lang}"] = ConfigRecord({"words": words, "df": [df[w] for w in words], "reports": reports})
+    return Message(content, reply_to=msg)

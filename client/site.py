@@ -129,6 +129,14 @@ def build_model(cfg: MedUniCConfig, tokenizer) -> MedUniC:
     return create_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
 
 
+def build_mlm_model(cfg: MedUniCConfig, tokenizer) -> torch.nn.Module:
+    """The MLM stage's model (text encoder + MLM head), initialised identically everywhere."""
+    from medunic_core.mlm import mlm_model
+
+    seed_everything(cfg.train.seed)
+    return mlm_model(cfg, len(tokenizer), tokenizer.pad_token_id)
+
+
 def site_cache(site: Site, cfg: MedUniCConfig) -> ImageCache:
     """Preprocessed images on disk: every message may start a fresh process."""
     Path(site.cache_dir).mkdir(parents=True, exist_ok=True)

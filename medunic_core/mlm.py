@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from medunic_core.constants import METRICS_FILE
 from medunic_core.data.manifest import read_manifest
 from medunic_core.models.encoders import bert_config, load_pretrained_text
 from medunic_core.privacy import PrivateTraining, make_private
+from medunic_core.errors import SiteDataError
 from medunic_core.train import build_optimizer, cosine_with_warmup, prepare_tokenizer, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,7 @@ class UntiedMlm(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
-def _mlm_model(cfg: MedUniCConfig, vocab_size: int, pad_token_id: int) -> nn.Module:
+def mlm_model(cfg: MedUniCConfig, vocab_size: int, pad_token_id: int) -> nn.Module:
     """HF's masked-LM model, or under DP-SGD the encoder with an :class:`UntiedMlm` head."""
     text = cfg.model.text
     if cfg.dp.sgd.enabled:
@@ -125,6 +127,65 @@ def _mlm_model(cfg: MedUniCConfig, vocab_size: int, pad_token_id: int) -> nn.Mod
     if text.pretrained:
         return load_pretrained_text(text.pretrained, vocab_size, AutoModelForMaskedLM)
     return BertForMaskedLM(bert_config(text, vocab_size, pad_token_id))
+
+
+def mlm_batch_loss(
+    model: nn.Module, texts: list[str], tokenizer, cfg: MedUniCConfig, generator: torch.Generator,
+    device: torch.device, per_report: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM loss of one batch of reports, and the token ids it read (its input rows)."""
+    tok = tokenizer(texts, padding=True, truncation=True, max_length=cfg.model.text.max_length,
+                    return_tensors="pt", return_special_tokens_mask=True)
+    special = tok["special_tokens_mask"].bool() | (tok["attention_mask"] == 0)
+    inputs, labels = mask_tokens(tok["input_ids"], special, tokenizer.mask_token_id, len(tokenizer),
+                                 cfg.mlm.mask_prob, generator)
+    inputs, mask, labels = inputs.to(device), tok["attention_mask"].to(device), labels.to(device)
+    if per_report:  # DP-SGD: a mean of per-report losses (UntiedMlm returns logits)
+        loss = per_report_loss(model(input_ids=inputs, attention_mask=mask), labels)
+    else:
+        loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+    return loss, tok["input_ids"][tok["attention_mask"].bool()]
+
+
+@dataclass
+class SiteMlmResult:
+    num_examples: int
+    loss: float
+    lr: float
+    token_rows: np.ndarray  # bool, one per vocabulary row: read by this round's batches
+
+
+def train_mlm_site(
+    model: nn.Module, reports: list[str], tokenizer, cfg: MedUniCConfig, server_round: int,
+    device: torch.device = torch.device("cpu"),
+) -> SiteMlmResult:
+    """One federated round of MLM at a site: ``fed.local_steps`` steps on its own reports,
+    with the learning rate the centralized schedule (``mlm.*`` over ``fed.rounds x
+    fed.local_steps`` steps) has at those steps."""
+    if not reports:
+        raise SiteDataError("no reports to post-train the text encoder on")
+    fed = cfg.fed
+    generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * server_round)
+    batches = _shuffled_batches(len(reports), min(cfg.mlm.batch_size, len(reports)), generator)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.mlm.lr, cfg.mlm.weight_decay)
+    factor = cosine_with_warmup(cfg.mlm.warmup_steps, fed.rounds * fed.local_steps, 0.0)
+    first = (server_round - 1) * fed.local_steps
+    rows = np.zeros(len(tokenizer), dtype=bool)
+    losses, seen = [], 0
+    for step in range(fed.local_steps):
+        batch = next(batches)
+        loss, ids = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device)
+        loss.backward()
+        rows[ids.unique().numpy()] = True
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.mlm.lr * factor(first + step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        seen += len(batch)
+    return SiteMlmResult(seen, float(np.mean(losses)), cfg.mlm.lr * factor(first + fed.local_steps - 1), rows)
 
 
 @dataclass
@@ -143,8 +204,7 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
     device = resolve_device(cfg.train.device)
     records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
     tokenizer = prepare_tokenizer(cfg, [(r.report, r.lang) for r in records], out_dir)
-    text = cfg.model.text
-    model = _mlm_model(cfg, len(tokenizer), tokenizer.pad_token_id)
+    model = mlm_model(cfg, len(tokenizer), tokenizer.pad_token_id)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.mlm.lr, cfg.mlm.weight_decay)
     reports = [r.report for r in records]
@@ -169,19 +229,9 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
         batch = next(batches)
         # an empty Poisson batch still takes a (noise-only) DP step: one report with weight 0
         weight, batch = (1.0, batch) if batch else (0.0, [0])
-        tok = tokenizer(
-            [reports[i] for i in batch], padding=True, truncation=True, max_length=text.max_length,
-            return_tensors="pt", return_special_tokens_mask=True,
-        )
-        special = tok["special_tokens_mask"].bool() | (tok["attention_mask"] == 0)
-        inputs, labels = mask_tokens(
-            tok["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), cfg.mlm.mask_prob, generator
-        )
-        inputs, mask, labels = inputs.to(device), tok["attention_mask"].to(device), labels.to(device)
-        if private is None:
-            loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
-        else:
-            loss = weight * per_report_loss(model(input_ids=inputs, attention_mask=mask), labels)
+        loss, _ = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device,
+                                 per_report=private is not None)
+        loss = weight * loss
         loss.backward()
         if weight:
             loss_value = float(loss.detach())

@@ -40,11 +40,14 @@ __all__ = [
     "VOCAB_FILE",
     "VOCAB_STATS_FILE",
     "build_tokenizer",
+    "build_tokenizer_from_counts",
     "document_frequencies",
     "load_tokenizer",
     "register",
     "resize_token_embeddings",
+    "site_word_counts",
     "vocab_sha256",
+    "vocabulary_words",
     "word_splitter",
 ]
 
@@ -318,6 +321,14 @@ def build_tokenizer(
         new_words = []
         stats = {"mode": "train", "base": None, "base_size": 0, "added": 0, "reports": len(texts)}
 
+    return _save_tokenizer(tokens, tokenizer, stats, new_words, out_dir)
+
+
+def _save_tokenizer(
+    tokens: list[str], tokenizer: BertTokenizer, stats: dict, new_words: list[tuple[str, int]], out_dir: Path
+) -> PreTrainedTokenizerBase:
+    """Write the tokenizer folder (with vocab.txt, vocab.sha256, vocab_stats.json) and
+    return it as every site will load it."""
     sha = _hash_tokens(tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
@@ -333,6 +344,75 @@ def build_tokenizer(
     (out_dir / VOCAB_SHA_FILE).write_text(sha + "\n", encoding="utf-8")
     # Reload through the standard loader: what callers get is what every site will load.
     return load_tokenizer(out_dir, expected_sha256=sha)
+
+
+# -- the federated vocabulary stage ---------------------------------------------------------
+def vocabulary_words(cfg: VocabConfig, max_length: Optional[int] = None) -> Callable[[str], list[str]]:
+    """Whole words as the vocabulary being built will see them: through the base's
+    normalisation (extend) or BERT's with ``cfg.lowercase`` (train)."""
+    if cfg.base is not None:
+        base = _load_base(Path(cfg.base))
+        return word_splitter(_bert_tokenizer(_ordered_tokens(base), base, cfg.lowercase, max_length))
+    return word_splitter(_bert_tokenizer(list(SPECIAL_TOKENS), None, cfg.lowercase, max_length))
+
+
+def site_word_counts(
+    cfg: VocabConfig, reports: Sequence[tuple[str, str]], max_length: Optional[int] = None
+) -> dict[str, tuple[dict[str, int], int]]:
+    """What a site sends in the vocabulary stage: per language, the document frequency of
+    each word found in at least ``cfg.min_df`` of its reports, and its number of reports.
+
+    A word in fewer reports never leaves the site. In extend mode only ``cfg.extend_lang``
+    reports are counted (the base already covers the other language).
+    """
+    split = vocabulary_words(cfg, max_length)
+    out: dict[str, tuple[dict[str, int], int]] = {}
+    for lang in sorted({lang for _, lang in reports}):
+        if cfg.base is not None and lang != cfg.extend_lang:
+            continue
+        texts = [text for text, l in reports if l == lang]
+        df = document_frequencies(texts, split)
+        out[lang] = ({w: n for w, n in df.items() if n >= cfg.min_df}, len(texts))
+    return out
+
+
+def build_tokenizer_from_counts(
+    cfg: VocabConfig, counts: dict[str, Counter], reports: dict[str, int], out_dir: str | Path,
+    max_length: Optional[int] = None,
+) -> PreTrainedTokenizerBase:
+    """The Stage 1 vocabulary from the merged word counts of the sites (per language).
+
+    Extend mode selects new words exactly as :func:`build_tokenizer` does, from the summed
+    document frequencies of ``cfg.extend_lang``. Train mode trains WordPiece on the words
+    weighted by their document frequency: the sites' report text never reaches the server,
+    so words below a site's ``min_df`` are not in the training data.
+    """
+    out_dir = Path(out_dir)
+    if cfg.base is not None:
+        base = _load_base(Path(cfg.base))
+        base_tokens = _ordered_tokens(base)
+        df = counts.get(cfg.extend_lang)
+        if not df:
+            raise SiteDataError(f"no site sent '{cfg.extend_lang}' word counts to extend the vocabulary with "
+                                f"(communities that sent counts: {sorted(counts)})")
+        splitter = _bert_tokenizer(base_tokens, base, cfg.lowercase, max_length)
+        new_words, candidates = _select_new_words(df, set(base_tokens), cfg.min_df, cfg.max_new_tokens,
+                                                  splitter.backend_tokenizer.model.max_input_chars_per_word)
+        tokens = base_tokens + [word for word, _ in new_words]
+        tokenizer = _bert_tokenizer(tokens, base, cfg.lowercase, max_length)
+        stats = {"mode": "extend", "federated": True, "base": str(cfg.base), "base_size": len(base_tokens),
+                 "added": len(new_words), "extend_lang": cfg.extend_lang, "reports": reports.get(cfg.extend_lang, 0),
+                 "min_df": cfg.min_df, "max_new_tokens": cfg.max_new_tokens, "candidates": candidates}
+    else:
+        words = [w for lang in sorted(counts) for w, n in sorted(counts[lang].items()) for _ in range(n)]
+        if not words:
+            raise SiteDataError("no site sent word counts to train a WordPiece vocabulary on")
+        tokens = _train_wordpiece(words, cfg.vocab_size, cfg.lowercase)
+        tokenizer = _bert_tokenizer(tokens, None, cfg.lowercase, max_length)
+        new_words = []
+        stats = {"mode": "train", "federated": True, "base": None, "base_size": 0, "added": 0,
+                 "reports": sum(reports.values()), "min_df": cfg.min_df}
+    return _save_tokenizer(tokens, tokenizer, stats, new_words, out_dir)
 
 
 def resize_token_embeddings(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -37,7 +38,7 @@ from medunic_core.export import export_model
 from medunic_core.train import start_wandb
 from medunic_core.vocab import load_tokenizer, vocab_sha256
 from server.report import write_federated_report
-from server.strategy import make_strategy, wait_for_sites
+from server.strategy import MedUniCAggregation, make_strategy, wait_for_sites
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
 
@@ -63,8 +64,8 @@ class FederatedRun:
             raise ConfigError("run config 'tokenizer' (the run's tokenizer folder) is not set")
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.vocab_sha = vocab_sha256(self.tokenizer)
-        self.model = build_model(self.cfg, self.tokenizer)
-        self.strategy = make_strategy(self.cfg, self.num_sites, self.vocab_sha)
+        self.model = self._build_model()
+        self.strategy = self._make_strategy()
         self.community: Optional[AlignmentState] = None
         self.resumed: Optional[dict[str, Any]] = None  # what _restore loaded, for the first resumed row
         self.run_key = secrets.token_hex(8)  # names this run in the sites' privacy ledgers; kept on resume
@@ -86,8 +87,7 @@ class FederatedRun:
         wandb_run = start_wandb(self.cfg, self.out) if self.cfg.logging.wandb else None
         for rnd in range(start, fed.rounds + 1):
             t0 = time.perf_counter()
-            if rnd == 1 and self.cfg.align.train_norm == "mixed" and self.cfg.align.round1 == "stats":
-                self.strategy.alignment = self._query_state(grid, "query.stats", arrays, {"batches": 4})
+            self._before_round(grid, rnd, arrays)
             messages = self.strategy.configure_train(rnd, arrays_record(arrays), ConfigRecord({"run-key": self.run_key}),
                                                     grid)
             replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
@@ -101,14 +101,7 @@ class FederatedRun:
                 arrays = record_arrays(aggregated, np.float32)
                 row["train"] = {k: float(v) for k, v in (metrics or {}).items()}
             if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                # per-language P_l statistics: every evaluated round with eval_norm=community,
-                # and always at the end, so that the export supports both eval norms
-                if self.cfg.align.eval_norm == "community" or rnd == fed.rounds:
-                    # a community without a reply this time keeps its last statistics
-                    fresh = self._query_state(grid, "query.community", arrays, {})
-                    self.community = (self.community or AlignmentState()).replaced_by(fresh)
-                row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
-                row["central"] = self._evaluate_central(arrays)
+                self._evaluate_round(grid, rnd, arrays, row)
             row["seconds"] = time.perf_counter() - t0
             with (self.out / ROUNDS_FILE).open("a") as f:  # the row first: a resume redoes its round
                 f.write(json.dumps(row) + "\n")
@@ -119,6 +112,28 @@ class FederatedRun:
         if wandb_run:
             wandb_run.finish()
         return self._export(arrays)
+
+    # -- what a stage changes (server.mlm overrides these) ------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg, self.tokenizer)
+
+    def _make_strategy(self) -> MedUniCAggregation:
+        return make_strategy(self.cfg, self.num_sites, self.vocab_sha)
+
+    def _before_round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+        """Round 1 of ``align.train_norm=mixed`` starts from a statistics-only pass."""
+        if rnd == 1 and self.cfg.align.train_norm == "mixed" and self.cfg.align.round1 == "stats":
+            self.strategy.alignment = self._query_state(grid, "query.stats", arrays, {"batches": 4})
+
+    def _evaluate_round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], row: dict[str, Any]) -> None:
+        # per-language P_l statistics: every evaluated round with eval_norm=community,
+        # and always at the end, so that the export supports both eval norms
+        if self.cfg.align.eval_norm == "community" or rnd == self.cfg.fed.rounds:
+            # a community without a reply this time keeps its last statistics
+            fresh = self._query_state(grid, "query.community", arrays, {})
+            self.community = (self.community or AlignmentState()).replaced_by(fresh)
+        row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
+        row["central"] = self._evaluate_central(arrays)
 
     # -- messages ---------------------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid) -> list[int]:

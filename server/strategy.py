@@ -21,7 +21,7 @@ import time
 from typing import Any, Iterable, Optional
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -62,7 +62,8 @@ def outliers(norms: list[float], factor: float) -> list[int]:
 
 
 def mask_unused_rows(
-    arrays: list[dict[str, np.ndarray]], usage: list[np.ndarray], weights: list[float], current: np.ndarray
+    arrays: list[dict[str, np.ndarray]], usage: list[np.ndarray], weights: list[float], current: np.ndarray,
+    key: str = TOKEN_EMBEDDINGS,
 ) -> None:
     """Rewrite each site's token-embedding rows it did not use, in place, so that Flower's
     plain weighted average gives, row by row, the average over the sites that used it.
@@ -72,16 +73,16 @@ def mask_unused_rows(
     """
     used = np.stack([u.astype(bool) for u in usage])  # sites x rows
     w = np.asarray(weights, dtype=np.float64)[:, None]
-    stacked = np.stack([a[TOKEN_EMBEDDINGS].astype(np.float64) for a in arrays])  # sites x rows x d
+    stacked = np.stack([a[key].astype(np.float64) for a in arrays])  # sites x rows x d
     wu = used * w
     denom = wu.sum(0)
     mean = np.einsum("sr,srd->rd", wu, stacked) / np.maximum(denom, 1e-12)[:, None]
     mean[denom == 0] = current[denom == 0]
     for i, a in enumerate(arrays):
         rows = ~used[i]
-        patched = a[TOKEN_EMBEDDINGS].astype(np.float64)
+        patched = a[key].astype(np.float64)
         patched[rows] = mean[rows]
-        a[TOKEN_EMBEDDINGS] = patched.astype(a[TOKEN_EMBEDDINGS].dtype)
+        a[key] = patched.astype(a[key].dtype)
 
 
 def wait_for_sites(grid: Grid, expected: int, minimum: int, wait: float, what: str) -> list[int]:
@@ -119,9 +120,11 @@ class MedUniCAggregation:
 
     def __init__(
         self, *args: Any, reject_factor: float = 10.0, vocab_sha: str = "", wire_dtype: str = "float32",
-        expected_sites: int = 1, site_wait: float = 600.0, **kwargs: Any
+        expected_sites: int = 1, site_wait: float = 600.0, message_type: str = MessageType.TRAIN,
+        token_key: str = TOKEN_EMBEDDINGS, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.message_type, self.token_key = message_type, token_key
         self.expected_sites, self.site_wait = expected_sites, site_wait
         self.reject_factor = reject_factor
         self.vocab_sha = vocab_sha
@@ -139,6 +142,9 @@ class MedUniCAggregation:
         config["vocab-sha"] = self.vocab_sha
         config["app-version"] = __version__
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.message_type != MessageType.TRAIN:  # e.g. "train.mlm": another handler at the sites
+            messages = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=self.message_type,
+                                group_id=m.metadata.group_id) for m in messages]
         self.sent_to = [m.metadata.dst_node_id for m in messages]
         down = arrays_record(self.global_arrays, self.wire_dtype)
         record = arrays_record(self.alignment.to_flat()) if self.alignment.communities else None
@@ -183,13 +189,14 @@ class MedUniCAggregation:
             return None, None
         accepted = [ok[i] for i in keep]
         kept_arrays = [arrays[i] for i in keep]
-        if TOKEN_EMBEDDINGS in self.global_arrays and all(extras[i]["usage"] is not None for i in keep):
+        if self.token_key in self.global_arrays and all(extras[i]["usage"] is not None for i in keep):
             weights = [float(m.content["metrics"][self.weighted_by_key]) for m in accepted]
             mask_unused_rows(
                 kept_arrays,
                 [record_arrays(extras[i]["usage"])["token_rows"] for i in keep],
                 weights,
-                self.global_arrays[TOKEN_EMBEDDINGS],
+                self.global_arrays[self.token_key],
+                self.token_key,
             )
         for m, a in zip(accepted, kept_arrays):
             m.content["arrays"] = arrays_record(a)
@@ -224,9 +231,11 @@ class MedUniCFedAdam(MedUniCAggregation, FedAdam):
     """FedAvg's mean as a pseudo-gradient for a server-side Adam (``fed.server_lr``)."""
 
 
-def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str) -> MedUniCAggregation:
+def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str, message_type: str = MessageType.TRAIN,
+                  token_key: str = TOKEN_EMBEDDINGS) -> MedUniCAggregation:
     """The configured strategy: a round waits ``fed.site_wait`` for all ``num_sites``, then
-    goes on with at least ``fed.min_sites`` (default: all of them)."""
+    goes on with at least ``fed.min_sites`` (default: all of them). ``message_type`` and
+    ``token_key`` name the sites' handler and the token-embedding matrix of the stage."""
     need = min(cfg.fed.min_sites or num_sites, num_sites)
     common = dict(
         fraction_train=1.0,
@@ -239,6 +248,8 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str) -> MedUniC
         reject_factor=cfg.fed.reject_factor,
         vocab_sha=vocab_sha,
         wire_dtype=cfg.fed.wire_dtype,
+        message_type=message_type,
+        token_key=token_key,
     )
     if cfg.fed.strategy == "fedprox":
         return MedUniCFedProx(proximal_mu=cfg.fed.proximal_mu, **common)

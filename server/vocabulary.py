@@ -1,0 +1,76 @@
+"""The vocabulary stage (``stage=vocab``): Stage 1 of MEDUNIC.md as a Flower run.
+
+Every site sends, per language, the document frequencies of the words found in at least
+``vocab.min_df`` of its reports (client.app ``query.vocab``); the coordinator adds them
+per language community and builds the tokenizer from the sums
+(medunic_core.vocab.build_tokenizer_from_counts): extending ``vocab.base`` with the most
+frequent ``vocab.extend_lang`` words, or training WordPiece when there is no base. The
+folder ``<fed.out_dir>/tokenizer`` is what the later stages (``mlm``, ``vlp``) use; its
+hash travels with every later message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from client.site import parse_sites, run_medunic_config
+from medunic_core.errors import ConfigError, FederationError
+from medunic_core.vocab import build_tokenizer_from_counts, vocab_sha256
+from server.strategy import wait_for_sites
+
+log = logging.getLogger("flwr.medunic")
+
+TOKENIZER_DIR = "tokenizer"
+SUMMARY_FILE = "vocab_stage.json"
+
+
+class VocabularyStage:
+    """One vocabulary round over all sites."""
+
+    def __init__(self, run_config: Mapping[str, Any]) -> None:
+        self.cfg = run_medunic_config(run_config)
+        self.out = Path(self.cfg.fed.out_dir)
+        spec = str(run_config.get("sites", "") or "")
+        self.num_sites = self.cfg.fed.expected_sites or len(parse_sites(spec) if spec else [])
+        if self.num_sites <= 0:
+            raise ConfigError("say how many sites the federation has: run config 'sites' or fed.expected_sites")
+        self.min_sites = min(self.cfg.fed.min_sites or self.num_sites, self.num_sites)
+
+    def run(self, grid: Grid) -> Path:
+        nodes = wait_for_sites(grid, self.num_sites, self.min_sites, self.cfg.fed.site_wait, "vocabulary stage")
+        content = RecordDict({"config": ConfigRecord({"stage": "vocab"})})
+        messages = [Message(content=content, message_type="query.vocab", dst_node_id=n) for n in nodes]
+        counts: dict[str, Counter] = {}
+        reports: Counter = Counter()
+        sites: dict[str, dict[str, int]] = {}
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.fed.round_timeout):
+            if reply.has_error():
+                log.warning("vocabulary stage: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            site = str(reply.content["site"]["site"])
+            sites[site] = {}
+            for name, record in reply.content.config_records.items():
+                if not name.startswith("vocab."):
+                    continue
+                lang = name.removeprefix("vocab.")
+                counts.setdefault(lang, Counter()).update(dict(zip(record["words"], record["df"])))
+                reports[lang] += int(record["reports"])
+                sites[site][lang] = int(record["reports"])
+        if len(sites) < self.min_sites:
+            raise FederationError(f"vocabulary stage: {len(sites)} site(s) answered, {self.min_sites} needed")
+        folder = self.out / TOKENIZER_DIR
+        tokenizer = build_tokenizer_from_counts(self.cfg.vocab, counts, dict(reports), folder,
+                                                self.cfg.model.text.max_length)
+        summary = {"sites": sites, "words_received": {lang: len(c) for lang, c in counts.items()},
+                   "vocab_size": len(tokenizer), "sha256": vocab_sha256(tokenizer), "tokenizer": str(folder)}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        log.info("vocabulary stage: %s", json.dumps(summary))
+        return folder
