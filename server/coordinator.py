@@ -119,8 +119,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="site name")
     p.set_defaults(func=lambda a: register_site(a.public_key, a.name) or 0)
     p = commands.add_parser("run", help="start a federated run on the SuperLink and stream it")
+    p.add_argument("--stage", choices=("vocab", "mlm", "vlp"), default="vlp",
+                   help="vocab: build the tokenizer from the sites' word counts; mlm: post-train the text "
+                        "encoder; vlp: image-text pre-training (default: %(default)s)")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--tokenizer", required=True, help="the run's tokenizer folder (sites hold a copy)")
+    p.add_argument("--tokenizer", default="", help="the run's tokenizer folder, sites hold a copy (mlm, vlp)")
     p.add_argument("--sites", type=int, required=True, help="number of sites in the federation")
     p.add_argument("--min-sites", type=int, default=0,
                    help="fewest sites a round may go on with after fed.site_wait (default: all)")
@@ -140,6 +143,8 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.stage != "vocab" and not args.tokenizer:
+        raise ConfigError(f"--stage {args.stage} needs --tokenizer (the folder the vocab stage wrote)")
     overrides = [*args.overrides, f"fed.expected_sites={args.sites}", f"fed.min_sites={args.min_sites}"]
-    return run({"preset": args.preset, "overrides": json.dumps(overrides), "sites": "",
-                "tokenizer": str(Path(args.tokenizer).resolve())})
+    return run({"stage": args.stage, "preset": args.preset, "overrides": json.dumps(overrides), "sites": "",
+                "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else ""})

@@ -176,6 +176,39 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+def write_run_config(path: Path, stage: str, preset: str, overrides: Sequence[str], sites: str, tokenizer: str) -> Path:
+    """The Flower run config file of one stage (``flwr run --run-config``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"stage = {_toml_string(stage)}\npreset = {_toml_string(preset)}\n"
+        f"overrides = {_toml_string(json.dumps(list(overrides)))}\n"
+        f"sites = {_toml_string(sites)}\ntokenizer = {_toml_string(tokenizer)}\n"
+    )
+    return path
+
+
+def flwr_run(connection: str, run_config: Path, sites: str, flower_log: Path, env: dict[str, str],
+             progress: bool) -> int:
+    """``flwr run`` of this app against a simulation SuperLink, one simulated SuperNode per
+    site; streams its progress (all of it, or the round lines) and returns its exit code."""
+    n_sites = len(sites.split(","))
+    federation = (
+        f"num-supernodes={n_sites} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={max(2, min(n_sites, os.cpu_count() or 2))}"
+    )
+    command = [str(Path(sys.executable).with_name("flwr")), "run", str(APP_DIR), connection, "--stream",
+               "--run-config", str(run_config), "--federation-config", federation]
+    with flower_log.open("w") as logf:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=APP_DIR)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            if progress or "ROUND" in line or "round" in line or "ERROR" in line or "stage" in line:
+                print(line, end="", flush=True)
+        return proc.wait()
+
+
 def simulate(
     preset: str,
     overrides: Sequence[str],
@@ -189,39 +222,18 @@ def simulate(
     cfg, final, tokenizer = prepare([*synth, *overrides], preset, progress)
     run_dir = Path(cfg.fed.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_sites = len(site_list.split(","))
-    run_config = run_dir / "run_config.toml"
-    run_config.write_text(
-        f"preset = {_toml_string(preset)}\noverrides = {_toml_string(json.dumps(final))}\n"
-        f"sites = {_toml_string(site_list)}\ntokenizer = {_toml_string(tokenizer)}\n"
-    )
+    run_config = write_run_config(run_dir / "run_config.toml", "vlp", preset, final, site_list, tokenizer)
     flwr_home = Path(flwr_home or os.environ.get("FLWR_HOME") or APP_DIR / ".flwr").resolve()
-    flower_log = run_dir / "flower.log"
-    federation = (
-        f"num-supernodes={n_sites} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
-        f"init-args-num-cpus={max(2, min(n_sites, os.cpu_count() or 2))}"
-    )
-    print(f"federated run: {n_sites} sites ({site_list}), {cfg.fed.rounds} rounds x {cfg.fed.local_steps} "
-          f"local steps -> {run_dir}", flush=True)
+    print(f"federated run: {len(site_list.split(','))} sites ({site_list}), {cfg.fed.rounds} rounds x "
+          f"{cfg.fed.local_steps} local steps -> {run_dir}", flush=True)
     tag = uuid.uuid4().hex
     with simulation_superlink(flwr_home, run_dir / "superlink.log", tag) as connection:
-        command = ["flwr", "run", str(APP_DIR), connection, "--stream",
-                   "--run-config", str(run_config), "--federation-config", federation]
-        with flower_log.open("w") as logf:
-            proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("flwr")), *command[1:]], env=flower_env(flwr_home, tag),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=APP_DIR,
-            )
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                logf.write(line)
-                if progress or "ROUND" in line or "round" in line or "ERROR" in line:
-                    print(line, end="", flush=True)
-            proc.wait()
+        rc = flwr_run(connection, run_config, site_list, run_dir / "flower.log", flower_env(flwr_home, tag), progress)
+    flower_log = run_dir / "flower.log"
     export = run_dir / "model" / "checkpoint.pt"
-    if proc.returncode != 0 or not export.is_file():
+    if rc != 0 or not export.is_file():
         tail = flower_log.read_text().splitlines()[-30:]
-        raise MedunicError(f"the federated run did not finish (flwr exit {proc.returncode}); last lines of "
+        raise MedunicError(f"the federated run did not finish (flwr exit {rc}); last lines of "
                            f"{flower_log}:\n" + "\n".join(tail))
     report = run_dir / "report" / "report.md"  # written by the coordinator (server.rounds)
     print(f"\nreport: {report}")

@@ -87,12 +87,14 @@ def _rows(path: Path) -> Iterable[dict]:
 
 
 def parse_manifest(
-    path: str | Path, langs: Optional[Iterable[str]] = None
+    path: str | Path, langs: Optional[Iterable[str]] = None, require_report: bool = True
 ) -> tuple[list[Record], list[RowProblem]]:
     """Read a manifest, keeping good rows and describing every bad one.
 
     Checks: required fields present, non-empty report, known language and split,
     unique ids, well-formed labels. Image files are not opened here (see ``client check``).
+    ``require_report=False`` accepts label-only rows (CheXpert, RSNA, SIIM: zero-shot and
+    probe evaluation only): an empty or NaN-ish report becomes "", all else is checked.
     """
     path = Path(path)
     if not path.is_file():
@@ -111,7 +113,9 @@ def parse_manifest(
             problems.append(RowProblem(row_no, rid, f"missing {', '.join(missing)}"))
             continue
         report = str(row.get("report") or "").strip()
-        if not report or report.lower() == "nan":
+        if report.lower() == "nan":  # pandas' empty cell; refused as before unless label-only
+            report = ""
+        if not report and require_report:
             problems.append(RowProblem(row_no, rid, "empty report; fix or drop the row"))
             continue
         lang, split = str(row["lang"]).strip(), str(row["split"]).strip()
@@ -144,13 +148,15 @@ def read_manifest(
     langs: Optional[Iterable[str]] = None,
     split: Optional[str] = None,
     max_bad_fraction: float = 0.0,
+    require_report: bool = True,
 ) -> list[Record]:
     """Read a manifest for training; bad rows are reported and refused beyond a share.
 
     Raises :class:`SiteDataError` naming the rows when more than ``max_bad_fraction`` of
-    them are bad, so that nothing ever trains on garbage silently.
+    them are bad, so that nothing ever trains on garbage silently. Training keeps the
+    default ``require_report=True``; evaluation passes False to read label-only rows.
     """
-    records, problems = parse_manifest(path, langs)
+    records, problems = parse_manifest(path, langs, require_report)
     total = len(records) + len(problems)
     if total == 0:
         raise SiteDataError(f"manifest {path} has no rows")

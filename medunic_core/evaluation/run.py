@@ -141,36 +141,54 @@ def evaluate_model(
     """Metrics of a model on readable test records (the shared core of every evaluation).
 
     Zero-shot for each language of ``cfg.data.langs``; retrieval and community bias when
-    the test set holds two languages or more; with ``full``, the linear probe on
+    the test reports are in two languages or more; with ``full``, the linear probe on
     ``train``. ``align.eval_norm = community`` uses ``community`` statistics or, when
     None, measures each language on the ``train`` reports. ``prompt_langs`` limits the
     zero-shot prompt languages (a site scores its own).
+
+    Label-only rows (report "", e.g. CheXpert) count for zero-shot and the probe, which
+    use images and labels only; the report metrics (retrieval, bias, the t-SNE
+    embeddings) use the test rows that have a report and are skipped when none has.
+    Only ``FINDINGS`` are scored: other label keys (RSNA's ``pneumonia``) are ignored.
     """
     device = resolve_device(cfg.train.device)
     encoder = Encoder(model.to(device), tokenizer, cfg, device)
     cache = cache or ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
     if cfg.align.eval_norm == "community":
         if community is None:
-            if not train:
-                raise ConfigError("align.eval_norm=community needs community statistics or train reports")
-            feats = encoder.texts([r.report for r in train])[1]
-            community = community_statistics(model, torch.as_tensor(feats, device=device), [r.lang for r in train])
+            train_reported = [r for r in train if r.report]
+            if not train_reported:
+                raise ConfigError(
+                    "align.eval_norm=community needs community statistics or train reports; a label-only "
+                    "manifest has none: evaluate a federated export (it carries them) or set align.eval_norm=global"
+                )
+            feats = encoder.texts([r.report for r in train_reported])[1]
+            community = community_statistics(
+                model, torch.as_tensor(feats, device=device), [r.lang for r in train_reported]
+            )
         encoder.community = community
     img_emb, img_feat = encoder.images(test, cache, progress)
-    langs = [r.lang for r in test]
-    text_emb, text_feat = encoder.texts([r.report for r in test], langs)
+    reported = [r for r in test if r.report]
+    langs = [r.lang for r in reported]
     labels = label_matrix(test, FINDINGS)
     prompt_langs = list(prompt_langs or cfg.data.langs)
     prompts = load_prompts(langs=prompt_langs)
-    results: dict[str, Any] = {"zeroshot": {}, "embeddings": {"text": text_emb, "langs": langs}}
+    results: dict[str, Any] = {"zeroshot": {}}
     for lang in prompt_langs:
         pos, neg = _prompt_embeddings(encoder, prompts, lang)
         results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
-    if len(set(langs)) >= 2:
-        results["retrieval"] = cross_lingual_retrieval(
-            text_emb, langs, [r.finding_set for r in test], cfg.eval.retrieval_k
-        )
-        results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
+    if not reported:
+        log.info("no %s row has a report (label-only data): skipping retrieval, bias and t-SNE", cfg.eval.split)
+    else:
+        if len(reported) < len(test):
+            log.info("report metrics on the %d of %d test rows that have a report", len(reported), len(test))
+        text_emb, text_feat = encoder.texts([r.report for r in reported], langs)
+        results["embeddings"] = {"text": text_emb, "langs": langs, "findings": [r.finding_set for r in reported]}
+        if len(set(langs)) >= 2:
+            results["retrieval"] = cross_lingual_retrieval(
+                text_emb, langs, [r.finding_set for r in reported], cfg.eval.retrieval_k
+            )
+            results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
     if full and train:
         train_feat = encoder.images(train, cache, progress)[1]
         if cfg.dp.sgd.enabled:  # the probe's labels are private data too: DP-SGD
@@ -197,7 +215,7 @@ def evaluate(
     cfg, tokenizer, model = load_run(run_dir, overrides, checkpoint)
     out_dir = Path(out_dir or Path(run_dir) / "eval")
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
-    records = read_manifest(cfg.data.manifest, cfg.data.langs)
+    records = read_manifest(cfg.data.manifest, cfg.data.langs, require_report=False)  # label-only data too
     test, _ = prepare_images([r for r in records if r.split == cfg.eval.split], cache, 1.0, progress)
     train, _ = prepare_images([r for r in records if r.split == "train"], cache, 1.0, progress)
     if not test:
@@ -210,12 +228,13 @@ def evaluate(
             log.warning("the run carries no statistics for %s: measuring every language on its train reports", missing)
             community = None
     results = evaluate_model(model, tokenizer, cfg, test, train, community, True, progress, cache)
-    embeddings = results.pop("embeddings")
+    embeddings = results.pop("embeddings", None)
     results = {
         "meta": {
             "run": str(run_dir),
             "split": cfg.eval.split,
             "n_test": len(test),
+            "n_test_reports": sum(1 for r in test if r.report),  # 0: label-only, no report metrics
             "n_train": len(train),
             "ctr": bool(cfg.loss.ctr),
             "eval_norm": cfg.align.eval_norm,
@@ -223,11 +242,13 @@ def evaluate(
         },
         **results,
     }
-    if cfg.eval.tsne:
+    if cfg.eval.tsne and embeddings is not None and len(embeddings["langs"]) >= 3:
         out_dir.mkdir(parents=True, exist_ok=True)
         plot_tsne(embeddings["text"], embeddings["langs"], out_dir / "tsne_text.png",
-                  labels=[r.finding_set for r in test], title="report embeddings (P_l) by language")
+                  labels=embeddings["findings"], title="report embeddings (P_l) by language")
         results["tsne"] = {"text": "tsne_text.png"}
+    elif cfg.eval.tsne:
+        log.info("t-SNE skipped: fewer than 3 %s rows have a report", cfg.eval.split)
     write_eval_report(results, out_dir)
     return results
 
