@@ -7,8 +7,8 @@ a simulation SuperLink that it starts itself on free loopback ports with a proje
 ``FLWR_HOME``, streams the progress, stops that SuperLink (and everything it spawned)
 whatever happens, and points to the report the coordinator wrote in the run folder.
 
-Until the federated vocabulary and MLM stages exist (issue 5), the tokenizer and the MLM
-warm-up are computed centrally on the synthetic training reports.
+The tokenizer and the MLM warm-up of this command are computed centrally on the synthetic
+training reports; ``medunic pipeline`` (simulation.pipeline) runs them as federated stages.
 """
 
 from __future__ import annotations

@@ -122,10 +122,10 @@ def write_pipeline_report(out: Path, results: dict[str, Any], variants: Sequence
              f"{', '.join(f'{s} ({r})' for s, r in vocab['sites'].items())}; words received per language: "
              f"{vocab['words_received']}.", "", "## MLM stage", "", "| round | mean MLM loss of the sites |", "|---|---|"]
     lines += [f"| {i} | {_fmt(r.get('train_mlm_loss'))} |" for i, r in enumerate(results["mlm"], start=1)]
-    rows = [("after MLM only", "text encoder [CLS]", results["after_mlm"], {})]
+    rows = [("after MLM only", "F_l [CLS]", results["after_mlm"], {})]
     for v in variants:
         res = results[f"vlp-{v}"]
-        rows.append((f"VLP federated-{v}, CTR on", "text encoder [CLS]", res["bias"]["encoder"], res))
+        rows.append((f"VLP federated-{v}, CTR on", "F_l [CLS]", res["bias"]["encoder"], res))
         rows.append((f"VLP federated-{v}, CTR on", f"P_l ({res['meta']['eval_norm']} norm)", res["bias"]["text"], res))
     header = ["stage", "embedding", "mean dist / spread", "silhouette (lang)", "lang-ID acc", "R@1", "R@5",
               "zero-shot en", "zero-shot es"]
@@ -138,7 +138,10 @@ def write_pipeline_report(out: Path, results: dict[str, Any], variants: Sequence
                                         _fmt(retrieval.get("R@1")), _fmt(retrieval.get("R@5")),
                                         _fmt((zs.get("en") or {}).get("macro_auc")),
                                         _fmt((zs.get("es") or {}).get("macro_auc"))]) + " |")
-    lines += ["", f"Chance of the language-ID probe: {_fmt(results['after_mlm'].get('lang_id_chance'))}.", "",
+    chance = next(((results[f"vlp-{v}"].get("retrieval") or {}).get("mean", {}) for v in variants), {})
+    lines += ["", f"F_l [CLS]: the text encoder's features; P_l: the report embedding. Chance levels: language-ID "
+                  f"probe {_fmt(results['after_mlm'].get('lang_id_chance'))}, EN<->ES retrieval R@1 "
+                  f"{_fmt(chance.get('chance@1'))}, R@5 {_fmt(chance.get('chance@5'))}.", "",
               "![community bias](bias.png)", ""]
     import matplotlib
 
