@@ -20,6 +20,7 @@ weights, calls medunic_core and replies with what may leave a site (medunic_core
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import numpy as np
 import torch
@@ -82,25 +83,28 @@ class _Setup:
         return ConfigRecord({"site": self.site.name, "community": self.site.lang})
 
 
-def _check_budget(s: _Setup) -> None:
-    """Refuse before training when the site's privacy budget allows no release."""
+def _privacy(s: _Setup) -> Optional[tuple[float, ReleaseLedger]]:
+    """Update-level DP of this round, when the run asks for it or the site's budget requires
+    it: (noise multiplier, the site's ledger). Refused here, before training, when the
+    site's budget allows no release."""
     budget = (s.site.dp_max_epsilon, s.site.dp_max_delta)
-    if s.cfg.dp.updates.enabled or budget != (None, None):
-        check_release(s.cfg.dp.updates, s.cfg.fed.rounds, ReleaseLedger(s.site.ledger), s.round, s.site.name, *budget)
+    if not s.cfg.dp.updates.enabled and budget == (None, None):
+        return None
+    ledger = ReleaseLedger(s.site.ledger)
+    return check_release(s.cfg.dp.updates, s.cfg.fed.rounds, ledger, s.round, s.site.name, *budget), ledger
 
 
 def _update_reply(msg: Message, context: Context, s: _Setup, metrics: dict, token_rows: np.ndarray,
-                  extra: dict) -> Message:
+                  extra: dict, privacy: Optional[tuple[float, ReleaseLedger]]) -> Message:
     """The reply of a training round: the weights (clipped and noised under update DP, with
     a ``privacy`` record instead of the token-row flags), metrics, the site and ``extra``."""
     trained = model_arrays(s.model)
     if s.cfg.fed.bn == "local":
         context.state[LOCAL_BN] = arrays_record({k: v for k, v in trained.items() if is_batchnorm_entry(s.model, k)})
     content = {"metrics": MetricRecord(metrics), "site": s.identity(), **extra}
-    dp, budget = s.cfg.dp.updates, (s.site.dp_max_epsilon, s.site.dp_max_delta)
-    if dp.enabled or budget != (None, None):  # the run asks for DP, or the site's budget requires it
-        trained, spent = release_update(s.received, trained, dp, s.cfg.fed.rounds, ReleaseLedger(s.site.ledger),
-                                        s.run_key, s.round, s.site.name, *budget)
+    if privacy is not None:
+        noise, ledger = privacy
+        trained, spent = release_update(s.received, trained, s.cfg.dp.updates, noise, ledger, s.run_key, s.round)
         for k, v in trained.items():  # post-processing, free under DP: a noised variance stays a variance
             if k.endswith(".running_var"):
                 np.maximum(v, 0.0, out=v)
@@ -114,7 +118,7 @@ def _update_reply(msg: Message, context: Context, s: _Setup, metrics: dict, toke
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
-    _check_budget(s)
+    privacy = _privacy(s)
     others = None
     if "align" in msg.content.array_records:
         others = AlignmentState.from_flat(record_arrays(msg.content["align"]))
@@ -122,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
     result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
     metrics = {"num-examples": result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
     return _update_reply(msg, context, s, metrics, result.token_rows,
-                         {"align": arrays_record(result.alignment.to_flat())})
+                         {"align": arrays_record(result.alignment.to_flat())}, privacy)
 
 
 @app.train("mlm")
@@ -131,11 +135,11 @@ def train_mlm(msg: Message, context: Context) -> Message:
     if s.cfg.dp.sgd.enabled:
         raise ConfigError("dp.sgd in the federated MLM stage is not supported yet; use dp.updates (update-level "
                           "DP at the site) or run `medunic mlm` with dp.sgd at one site")
-    _check_budget(s)
+    privacy = _privacy(s)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     result = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device)
     metrics = {"num-examples": result.num_examples, "train_mlm_loss": result.loss, "train_lr": result.lr}
-    return _update_reply(msg, context, s, metrics, result.token_rows, {})
+    return _update_reply(msg, context, s, metrics, result.token_rows, {}, privacy)
 
 
 @app.query("stats")

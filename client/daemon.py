@@ -60,7 +60,7 @@ def start(args: argparse.Namespace) -> subprocess.Popen:
     command = supernode_command(args.superlink, args.site, args.language, Path(args.data), Path(args.cache),
                                 Path(args.tokenizer), Path(args.ca) if args.ca else None,
                                 Path(args.key) if args.key else None, args.port, args.insecure,
-                                getattr(args, "dp_max_epsilon", None), getattr(args, "dp_max_delta", None))
+                                args.dp_max_epsilon, args.dp_max_delta)
     return subprocess.Popen(command, env=subprocess_env())
 
 

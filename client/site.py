@@ -23,6 +23,7 @@ from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import LANGUAGES
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
+from medunic_core.mlm import mlm_model
 from medunic_core.models import MedUniC, create_model
 from medunic_core.train import seed_everything
 from medunic_core.vocab import load_tokenizer
@@ -131,8 +132,6 @@ def build_model(cfg: MedUniCConfig, tokenizer) -> MedUniC:
 
 def build_mlm_model(cfg: MedUniCConfig, tokenizer) -> torch.nn.Module:
     """The MLM stage's model (text encoder + MLM head), initialised identically everywhere."""
-    from medunic_core.mlm import mlm_model
-
     seed_everything(cfg.train.seed)
     return mlm_model(cfg, len(tokenizer), tokenizer.pad_token_id)
 

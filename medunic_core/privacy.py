@@ -131,8 +131,8 @@ def check_release(
 
     A site with a budget (``max_epsilon``, ``max_delta``) refuses a run without update DP,
     a run whose delta is above its own, and any release after which its epsilon over all
-    releases of its data would exceed the budget. Checked before training, and again
-    before the release.
+    releases of its data would exceed the budget. Checked before training, so that a
+    refused round costs the site nothing.
     """
     if max_epsilon is not None or max_delta is not None:
         if not dp.enabled:
@@ -153,13 +153,11 @@ def check_release(
 
 
 def release_update(
-    received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], dp: DpUpdateConfig, rounds: int,
-    ledger: ReleaseLedger, run: str, server_round: int, site: str,
-    max_epsilon: Optional[float] = None, max_delta: Optional[float] = None,
+    received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], dp: DpUpdateConfig, noise: float,
+    ledger: ReleaseLedger, run: str, server_round: int,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """What a site sends under update-level DP, and the privacy it has spent (only
-    data-independent numbers: the update's raw norm stays at the site)."""
-    noise = check_release(dp, rounds, ledger, server_round, site, max_epsilon, max_delta)
+    """What a site sends under update-level DP (``noise`` from :func:`check_release`), and
+    the privacy it has spent: only data-independent numbers, the raw norm stays at the site."""
     released, _ = privatize_update(received, trained, dp.clip, noise)
     ledger.add(run, server_round, noise, dp.clip)
     return released, {

@@ -270,14 +270,6 @@ def build_tokenizer(
     """
     out_dir = Path(out_dir)
     if cfg.base is not None:
-        base = _load_base(Path(cfg.base))
-        base_tokens = _ordered_tokens(base)
-        if cfg.lowercase != base.do_lower_case:
-            logger.warning(
-                "vocab.lowercase=%s is ignored: the base %s has do_lower_case=%s, and its "
-                "normalisation must stay as it is for its original tokens to be found",
-                cfg.lowercase, cfg.base, base.do_lower_case,
-            )
         texts = [text for text, lang in reports if lang == cfg.extend_lang]
         if not texts:
             langs = sorted({lang for _, lang in reports})
@@ -286,30 +278,8 @@ def build_tokenizer(
                 f"({len(reports)} reports in languages {langs}); add them to the manifest's "
                 "train split or set vocab.extend_lang"
             )
-        # Count words through the pipeline of the tokenizer being saved, not the base's
-        # loaded one, so a counted word is exactly what the saved tokenizer looks up.
-        splitter = _bert_tokenizer(base_tokens, base, cfg.lowercase, max_length)
-        df = document_frequencies(texts, word_splitter(splitter))
-        new_words, candidates = _select_new_words(
-            df,
-            set(base_tokens),
-            cfg.min_df,
-            cfg.max_new_tokens,
-            splitter.backend_tokenizer.model.max_input_chars_per_word,
-        )
-        tokens = base_tokens + [word for word, _ in new_words]
-        tokenizer = _bert_tokenizer(tokens, base, cfg.lowercase, max_length)
-        stats = {
-            "mode": "extend",
-            "base": str(cfg.base),
-            "base_size": len(base_tokens),
-            "added": len(new_words),
-            "extend_lang": cfg.extend_lang,
-            "reports": len(texts),
-            "min_df": cfg.min_df,
-            "max_new_tokens": cfg.max_new_tokens,
-            "candidates": candidates,
-        }
+        df = document_frequencies(texts, vocabulary_words(cfg, max_length))
+        tokens, tokenizer, stats, new_words = _extend_base(cfg, df, len(texts), max_length)
     else:
         texts = [text for text, _ in reports]
         if not texts:
@@ -322,6 +292,39 @@ def build_tokenizer(
         stats = {"mode": "train", "base": None, "base_size": 0, "added": 0, "reports": len(texts)}
 
     return _save_tokenizer(tokens, tokenizer, stats, new_words, out_dir)
+
+
+def _extend_base(
+    cfg: VocabConfig, df: Counter, reports: int, max_length: Optional[int]
+) -> tuple[list[str], BertTokenizer, dict, list[tuple[str, int]]]:
+    """``cfg.base`` plus its most document-frequent missing ``cfg.extend_lang`` words:
+    (tokens, tokenizer, stats, added words with their df)."""
+    base = _load_base(Path(cfg.base))
+    base_tokens = _ordered_tokens(base)
+    if cfg.lowercase != base.do_lower_case:
+        logger.warning(
+            "vocab.lowercase=%s is ignored: the base %s has do_lower_case=%s, and its "
+            "normalisation must stay as it is for its original tokens to be found",
+            cfg.lowercase, cfg.base, base.do_lower_case,
+        )
+    splitter = _bert_tokenizer(base_tokens, base, cfg.lowercase, max_length)
+    new_words, candidates = _select_new_words(
+        df, set(base_tokens), cfg.min_df, cfg.max_new_tokens, splitter.backend_tokenizer.model.max_input_chars_per_word,
+    )
+    tokens = base_tokens + [word for word, _ in new_words]
+    tokenizer = _bert_tokenizer(tokens, base, cfg.lowercase, max_length)
+    stats = {
+        "mode": "extend",
+        "base": str(cfg.base),
+        "base_size": len(base_tokens),
+        "added": len(new_words),
+        "extend_lang": cfg.extend_lang,
+        "reports": reports,
+        "min_df": cfg.min_df,
+        "max_new_tokens": cfg.max_new_tokens,
+        "candidates": candidates,
+    }
+    return tokens, tokenizer, stats, new_words
 
 
 def _save_tokenizer(
@@ -389,20 +392,12 @@ def build_tokenizer_from_counts(
     """
     out_dir = Path(out_dir)
     if cfg.base is not None:
-        base = _load_base(Path(cfg.base))
-        base_tokens = _ordered_tokens(base)
         df = counts.get(cfg.extend_lang)
         if not df:
             raise SiteDataError(f"no site sent '{cfg.extend_lang}' word counts to extend the vocabulary with "
                                 f"(communities that sent counts: {sorted(counts)})")
-        splitter = _bert_tokenizer(base_tokens, base, cfg.lowercase, max_length)
-        new_words, candidates = _select_new_words(df, set(base_tokens), cfg.min_df, cfg.max_new_tokens,
-                                                  splitter.backend_tokenizer.model.max_input_chars_per_word)
-        tokens = base_tokens + [word for word, _ in new_words]
-        tokenizer = _bert_tokenizer(tokens, base, cfg.lowercase, max_length)
-        stats = {"mode": "extend", "federated": True, "base": str(cfg.base), "base_size": len(base_tokens),
-                 "added": len(new_words), "extend_lang": cfg.extend_lang, "reports": reports.get(cfg.extend_lang, 0),
-                 "min_df": cfg.min_df, "max_new_tokens": cfg.max_new_tokens, "candidates": candidates}
+        tokens, tokenizer, stats, new_words = _extend_base(cfg, df, reports.get(cfg.extend_lang, 0), max_length)
+        stats["federated"] = True
     else:
         words = [w for lang in sorted(counts) for w, n in sorted(counts[lang].items()) for _ in range(n)]
         if not words:

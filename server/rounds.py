@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from client.records import arrays_record, record_arrays
-from client.site import build_model, parse_sites, run_medunic_config
+from client.site import build_model, run_medunic_config
 from medunic_core import __version__
 from medunic_core.align import AlignmentState
 from medunic_core.checkpoint import atomic_save, load_checkpoint
@@ -38,7 +38,7 @@ from medunic_core.export import export_model
 from medunic_core.train import start_wandb
 from medunic_core.vocab import load_tokenizer, vocab_sha256
 from server.report import write_federated_report
-from server.strategy import MedUniCAggregation, make_strategy, wait_for_sites
+from server.strategy import MedUniCAggregation, federation_size, make_strategy, wait_for_sites
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
 
@@ -53,12 +53,7 @@ class FederatedRun:
     def __init__(self, run_config: Mapping[str, Any]) -> None:
         self.cfg = run_medunic_config(run_config)
         self.out = Path(self.cfg.fed.out_dir)
-        spec = str(run_config.get("sites", "") or "")
-        self.sites = parse_sites(spec) if spec else []
-        self.num_sites = self.cfg.fed.expected_sites or len(self.sites)
-        if self.num_sites <= 0:
-            raise ConfigError("say how many sites the federation has: run config 'sites' or fed.expected_sites")
-        self.min_sites = min(self.cfg.fed.min_sites or self.num_sites, self.num_sites)
+        self.num_sites, self.min_sites = federation_size(self.cfg, run_config)
         self.tokenizer_dir = str(run_config.get("tokenizer", "") or "")
         if not self.tokenizer_dir:
             raise ConfigError("run config 'tokenizer' (the run's tokenizer folder) is not set")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
@@ -26,10 +26,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from client.records import arrays_record, record_arrays
+from client.site import parse_sites
 from medunic_core import __version__
 from medunic_core.align import AlignmentState
 from medunic_core.config import MedUniCConfig
-from medunic_core.errors import FederationError
+from medunic_core.errors import ConfigError, FederationError
 from medunic_core.exchange import TOKEN_EMBEDDINGS, WIRE_DTYPES
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
@@ -83,6 +84,16 @@ def mask_unused_rows(
         patched = a[key].astype(np.float64)
         patched[rows] = mean[rows]
         a[key] = patched.astype(a[key].dtype)
+
+
+def federation_size(cfg: MedUniCConfig, run_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(sites of the federation, fewest a round may go on with): ``fed.expected_sites`` or
+    the run config's ``sites`` list, and ``fed.min_sites`` (0: all of them)."""
+    spec = str(run_config.get("sites", "") or "")
+    expected = cfg.fed.expected_sites or (len(parse_sites(spec)) if spec else 0)
+    if expected <= 0:
+        raise ConfigError("say how many sites the federation has: run config 'sites' or fed.expected_sites")
+    return expected, min(cfg.fed.min_sites or expected, expected)
 
 
 def wait_for_sites(grid: Grid, expected: int, minimum: int, wait: float, what: str) -> list[int]:

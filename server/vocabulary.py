@@ -20,10 +20,10 @@ from typing import Any, Mapping
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from client.site import parse_sites, run_medunic_config
-from medunic_core.errors import ConfigError, FederationError
+from client.site import run_medunic_config
+from medunic_core.errors import FederationError
 from medunic_core.vocab import build_tokenizer_from_counts, vocab_sha256
-from server.strategy import wait_for_sites
+from server.strategy import federation_size, wait_for_sites
 
 log = logging.getLogger("flwr.medunic")
 
@@ -37,11 +37,7 @@ class VocabularyStage:
     def __init__(self, run_config: Mapping[str, Any]) -> None:
         self.cfg = run_medunic_config(run_config)
         self.out = Path(self.cfg.fed.out_dir)
-        spec = str(run_config.get("sites", "") or "")
-        self.num_sites = self.cfg.fed.expected_sites or len(parse_sites(spec) if spec else [])
-        if self.num_sites <= 0:
-            raise ConfigError("say how many sites the federation has: run config 'sites' or fed.expected_sites")
-        self.min_sites = min(self.cfg.fed.min_sites or self.num_sites, self.num_sites)
+        self.num_sites, self.min_sites = federation_size(self.cfg, run_config)
 
     def run(self, grid: Grid) -> Path:
         nodes = wait_for_sites(grid, self.num_sites, self.min_sites, self.cfg.fed.site_wait, "vocabulary stage")

@@ -24,8 +24,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
 from client.site import build_model
 from medunic_core.cli import add_config_args
 from medunic_core.config import load_config
@@ -34,10 +32,11 @@ from medunic_core.data.public_text import build_public_text
 from medunic_core.errors import MedunicError
 from medunic_core.evaluation.bias import community_bias
 from medunic_core.evaluation.run import Encoder
+from medunic_core.train import resolve_device
 from medunic_core.vocab import load_tokenizer
 from simulation.centralized import ensure_synthetic_data
-from simulation.federated import APP_DIR, flower_env, flwr_run, simulation_superlink, site_overrides
-from simulation.federated import write_run_config
+from simulation.federated import (
+    APP_DIR, flower_env, flwr_run, simulation_superlink, site_overrides, write_run_config)
 
 SITES = "en-1:en,es-1:es"
 BIAS_KEYS = ("lang_mean_dist_over_spread", "silhouette_lang", "lang_id_probe_acc")
@@ -61,7 +60,7 @@ def encoder_bias(preset: str, overrides: list[str], tokenizer: Path) -> dict[str
     cfg = load_config(preset, overrides)
     tok = load_tokenizer(tokenizer)
     test = [r for r in read_manifest(cfg.data.manifest, cfg.data.langs) if r.split == cfg.eval.split]
-    encoder = Encoder(build_model(cfg, tok), tok, cfg, torch.device("cpu"))
+    encoder = Encoder(build_model(cfg, tok), tok, cfg, resolve_device(cfg.train.device))
     features = encoder.texts([r.report for r in test])[1]
     return community_bias(features, [r.lang for r in test])
 

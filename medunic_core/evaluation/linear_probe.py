@@ -186,7 +186,7 @@ def dp_linear_probe(
         results[fraction] = {
             "mean": float(np.mean(per_seed)), "std": float(np.std(per_seed)), "per_seed": per_seed,
             "per_finding": {f: float(np.mean(v)) for f, v in per_finding.items()},
-            "n_train": {"images": int(max(1, round(fraction * len(x_tr))))},
+            "n_train": {"images": len(rows)},
             "notes": [f"DP-SGD: epsilon {max(epsilons):.3f} per fit at delta {dp.delta:g}"],
             "privacy": {"epsilon_per_fit": max(epsilons), "delta": float(dp.delta)},
         }

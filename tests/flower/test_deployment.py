@@ -206,6 +206,7 @@ class Loopback:
             superlink=f"127.0.0.1:{self.port}", site=site, language=SITES[site], data=str(self.data),
             tokenizer=str(self.tokenizer), cache=str(self.tmp / f"cache-{key or site}"), ca=str(self.certs / "ca.crt"),
             key=str(self.certs / "sites" / (key or site)), port=port, max_bad=0.05, insecure=False,
+            dp_max_epsilon=None, dp_max_delta=None,
         )
         proc = start_site(args)
         self.started.append(proc)

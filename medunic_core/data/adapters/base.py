@@ -14,6 +14,8 @@ with :func:`map_labels`; an uncertain or missing label is unknown (left out), ne
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -178,8 +180,6 @@ def normalize_split(value: str) -> Optional[str]:
 def hash_split(key: str, val_fraction: float = 0.1, test_fraction: float = 0.2) -> str:
     """A split from a stable hash of ``key`` (use the patient id where there is one, so that
     a patient's images never straddle splits): the same on every machine and every run."""
-    import hashlib
-
     u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
@@ -188,9 +188,6 @@ def split_rule(dataset: str, split: str = "hash", val_fraction: str = "0.1", tes
                ) -> Callable[[str], str]:
     """The ``--opt split=hash|train|val|test`` (and fraction) options of an adapter as a
     function key -> split, checked once up front so that a typo fails before any row."""
-    from medunic_core.constants import SPLITS
-    from medunic_core.errors import ConfigError
-
     if split in SPLITS:
         return lambda key: split
     if split != "hash":
@@ -260,8 +257,6 @@ def locate(root: Path, name: str) -> Path:
 def iter_csv(path: Path, required: Iterable[str]) -> Iterator[dict[str, str]]:
     """Rows of a CSV (or .csv.gz) as dicts, one at a time (tables of 100k+ rows); the file
     and its header are checked now, so that a wrong file fails before any row is read."""
-    import gzip
-
     if not path.is_file():
         raise SiteDataError(f"{path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -277,8 +272,3 @@ def iter_csv(path: Path, required: Iterable[str]) -> Iterator[dict[str, str]]:
             yield from reader
 
     return rows()
-
-
-def read_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
-    """A CSV (or .csv.gz) as dicts; a missing file or missing columns name the file."""
-    return list(iter_csv(path, required))
