@@ -42,7 +42,8 @@ from medunic_core.align import AlignmentState, community_statistics
 from medunic_core.data.dataset import prepare_images
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
-from medunic_core.exchange import WIRE_DTYPES, is_batchnorm_entry, load_arrays, model_arrays
+from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
+from medunic_core.federation import payload as P
 from medunic_core.local import collect_statistics, site_records, train_site
 from medunic_core.mlm import train_mlm_site
 from medunic_core.privacy import ReleaseLedger, check_release, release_update
@@ -60,27 +61,27 @@ class _Setup:
     def __init__(self, msg: Message, context: Context, builder=build_model) -> None:
         self.cfg = run_medunic_config(context.run_config)
         self.site = resolve_site(context.run_config, context.node_config, self.cfg)
-        config = msg.content.config_records.get("config", ConfigRecord())
-        self.round = int(config.get("server-round", 0))
-        version = str(config.get("app-version", __version__))
+        config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+        self.round = int(config.get(P.SERVER_ROUND, 0))
+        version = str(config.get(P.APP_VERSION, __version__))
         if version != __version__:
             raise ConfigError(f"site '{self.site.name}' runs medunic {__version__}, the run uses {version}; "
                               "install the coordinator's version at this site")
-        self.tokenizer = site_tokenizer(self.site, str(config.get("vocab-sha", "")) or None)
+        self.tokenizer = site_tokenizer(self.site, str(config.get(P.VOCAB_SHA, "")) or None)
         self.model = builder(self.cfg, self.tokenizer)
         self.device = device()
         self.cache = site_cache(self.site, self.cfg)
-        self.run_key = str(config.get("run-key", f"flower-run-{context.run_id}"))
+        self.run_key = str(config.get(P.RUN_KEY, f"flower-run-{context.run_id}"))
         self.received: dict[str, np.ndarray] = {}
-        if "arrays" in msg.content.array_records:
+        if P.ARRAYS in msg.content.array_records:
             keep = {}
             if self.cfg.fed.bn == "local" and LOCAL_BN in context.state.array_records:
                 keep = {k: torch.from_numpy(v) for k, v in record_arrays(context.state[LOCAL_BN]).items()}
-            self.received = record_arrays(msg.content["arrays"], np.float32)
+            self.received = record_arrays(msg.content[P.ARRAYS], np.float32)
             load_arrays(self.model, self.received, keep)
 
     def identity(self) -> ConfigRecord:
-        return ConfigRecord({"site": self.site.name, "community": self.site.lang})
+        return ConfigRecord({P.SITE_NAME: self.site.name, P.COMMUNITY: self.site.lang})
 
 
 def _privacy(s: _Setup) -> Optional[tuple[float, ReleaseLedger]]:
@@ -101,18 +102,18 @@ def _update_reply(msg: Message, context: Context, s: _Setup, metrics: dict, toke
     trained = model_arrays(s.model)
     if s.cfg.fed.bn == "local":
         context.state[LOCAL_BN] = arrays_record({k: v for k, v in trained.items() if is_batchnorm_entry(s.model, k)})
-    content = {"metrics": MetricRecord(metrics), "site": s.identity(), **extra}
+    content = {P.METRICS: MetricRecord(metrics), P.SITE: s.identity(), **extra}
     if privacy is not None:
         noise, ledger = privacy
         trained, spent = release_update(s.received, trained, s.cfg.dp.updates, noise, ledger, s.run_key, s.round)
         for k, v in trained.items():  # post-processing, free under DP: a noised variance stays a variance
             if k.endswith(".running_var"):
                 np.maximum(v, 0.0, out=v)
-        content["privacy"] = ConfigRecord(spent)
+        content[P.PRIVACY] = ConfigRecord(spent)
     else:
-        content["usage"] = arrays_record({"token_rows": token_rows.astype(np.uint8)})
-    wire = {k: v.astype(WIRE_DTYPES[s.cfg.fed.wire_dtype]) for k, v in trained.items()}
-    return Message(RecordDict({"arrays": arrays_record(wire), **content}), reply_to=msg)
+        content[P.USAGE] = arrays_record({P.TOKEN_ROWS: token_rows.astype(np.uint8)})
+    wire = {k: v.astype(P.WIRE_DTYPES[s.cfg.fed.wire_dtype]) for k, v in trained.items()}
+    return Message(RecordDict({P.ARRAYS: arrays_record(wire), **content}), reply_to=msg)
 
 
 @app.train()
@@ -120,16 +121,16 @@ def train(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     privacy = _privacy(s)
     others = None
-    if "align" in msg.content.array_records:
-        others = AlignmentState.from_flat(record_arrays(msg.content["align"]))
+    if P.ALIGN in msg.content.array_records:
+        others = AlignmentState.from_flat(record_arrays(msg.content[P.ALIGN]))
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
-    metrics = {"num-examples": result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
+    metrics = {P.NUM_EXAMPLES: result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
     return _update_reply(msg, context, s, metrics, result.token_rows,
-                         {"align": arrays_record(result.alignment.to_flat())}, privacy)
+                         {P.ALIGN: arrays_record(result.alignment.to_flat())}, privacy)
 
 
-@app.train("mlm")
+@app.train(P.MLM)
 def train_mlm(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context, builder=build_mlm_model)
     if s.cfg.dp.sgd.enabled:
@@ -138,22 +139,22 @@ def train_mlm(msg: Message, context: Context) -> Message:
     privacy = _privacy(s)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     result = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device)
-    metrics = {"num-examples": result.num_examples, "train_mlm_loss": result.loss, "train_lr": result.lr}
+    metrics = {P.NUM_EXAMPLES: result.num_examples, "train_mlm_loss": result.loss, "train_lr": result.lr}
     return _update_reply(msg, context, s, metrics, result.token_rows, {}, privacy)
 
 
-@app.query("stats")
+@app.query(P.STATS)
 def stats(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
-    batches = int(msg.content["config"].get("batches", 4))
+    batches = int(msg.content[P.CONFIG].get(P.BATCHES, 4))
     state = collect_statistics(s.model, records, s.cache, s.tokenizer, s.cfg, batches, s.device)
     return Message(
-        RecordDict({"align": arrays_record(state.to_flat()), "site": s.identity()}), reply_to=msg
+        RecordDict({P.ALIGN: arrays_record(state.to_flat()), P.SITE: s.identity()}), reply_to=msg
     )
 
 
-@app.query("community")
+@app.query(P.COMMUNITY_STATS)
 def community(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
@@ -161,7 +162,7 @@ def community(msg: Message, context: Context) -> Message:
     feats = torch.as_tensor(encoder.texts([r.report for r in records])[1], device=s.device)
     state = community_statistics(s.model, feats, [r.lang for r in records])
     return Message(
-        RecordDict({"align": arrays_record(state.to_flat()), "site": s.identity()}), reply_to=msg
+        RecordDict({P.ALIGN: arrays_record(state.to_flat()), P.SITE: s.identity()}), reply_to=msg
     )
 
 
@@ -171,30 +172,30 @@ def evaluate(msg: Message, context: Context) -> Message:
     test = site_records(s.cfg, s.site.name, s.site.lang, s.cfg.eval.split, s.site.manifest)
     test, _ = prepare_images(test, s.cache, 1.0, progress=False)
     community, train_records = None, ()
-    if "align" in msg.content.array_records:
-        community = AlignmentState.from_flat(record_arrays(msg.content["align"]))
+    if P.ALIGN in msg.content.array_records:
+        community = AlignmentState.from_flat(record_arrays(msg.content[P.ALIGN]))
     elif s.cfg.align.eval_norm == "community":  # no federation statistics: measure its own language
         train_records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     results = evaluate_model(
         s.model, s.tokenizer, s.cfg, test, train_records, community, full=False, cache=s.cache, prompt_langs=[s.site.lang]
     )
     zs = results["zeroshot"][s.site.lang]
-    metrics = {"num-examples": len(test), "zeroshot_auc": float(zs["macro_auc"] or 0.0)}
+    metrics = {P.NUM_EXAMPLES: len(test), "zeroshot_auc": float(zs["macro_auc"] or 0.0)}
     if "retrieval" in results:
         metrics.update({f"retrieval_{k}": float(v) for k, v in results["retrieval"]["mean"].items()})
     return Message(
-        RecordDict({"metrics": MetricRecord(metrics), "site": s.identity()}), reply_to=msg
+        RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: s.identity()}), reply_to=msg
     )
 
 
-@app.query("vocab")
+@app.query(P.VOCAB)
 def vocab(msg: Message, context: Context) -> Message:
     cfg = run_medunic_config(context.run_config)  # no tokenizer or model yet: this stage makes the vocabulary
     site = resolve_site(context.run_config, context.node_config, cfg)
     records = site_records(cfg, site.name, site.lang, "train", site.manifest)
     counts = site_word_counts(cfg.vocab, [(r.report, r.lang) for r in records], cfg.model.text.max_length)
-    content = RecordDict({"site": ConfigRecord({"site": site.name, "community": site.lang})})
+    content = RecordDict({P.SITE: ConfigRecord({P.SITE_NAME: site.name, P.COMMUNITY: site.lang})})
     for lang, (df, reports) in counts.items():
         words = sorted(df)
-        content[f"vocab.{lang}"] = ConfigRecord({"words": words, "df": [df[w] for w in words], "reports": reports})
+        content[f"{P.VOCAB_PREFIX}{lang}"] = ConfigRecord({P.WORDS: words, P.DF: [df[w] for w in words], P.REPORTS: reports})
     return Message(content, reply_to=msg)

@@ -324,6 +324,32 @@ class Aligner:
         return c
 
 
+def alignment_layout(model: nn.Module, ctr: bool = True, include_image: bool = False,
+                     heads: Sequence[str] = TEXT_HEADS) -> dict[str, tuple[int, ...]]:
+    """Keys and wire shapes of one community's sums from a training round
+    (:meth:`AlignmentState.to_flat` without the community prefix).
+
+    Each listed BatchNorm contributes ``n`` (1,), ``sum`` and ``sumsq`` (features,) per call
+    in one forward pass of MedUniC: P_l once; P_d twice with ``ctr`` (one call per dropout
+    view), plus CTR's cross-moment (D, D); P_V twice with ``include_image`` (weak and strong
+    views). The coordinator validates the sums a site sends against it.
+    """
+    calls = {"text_head.": 1, "ctr_head.": 2 if ctr else 0, "image_head.": 2 if include_image else 0}
+    prefixes = tuple(heads) + (IMAGE_HEADS if include_image else ())
+    out: dict[str, tuple[int, ...]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, AlignableBatchNorm1d) or not name.startswith(prefixes):
+            continue
+        for call in range(calls[name[: name.index(".") + 1]]):
+            out[f"{name}#{call}.n"] = (1,)
+            out[f"{name}#{call}.sum"] = (m.num_features,)
+            out[f"{name}#{call}.sumsq"] = (m.num_features,)
+    if ctr and "ctr_head." in prefixes:
+        features = model.get_submodule(CTR_NORM).num_features
+        out[CROSS_KEY] = (features, features)
+    return out
+
+
 @torch.no_grad()
 def community_statistics(model: nn.Module, features: torch.Tensor, communities: Sequence[str]) -> AlignmentState:
     """Per-community statistics of P_l for ``align.eval_norm = community``.

@@ -8,13 +8,16 @@ with ``key=value`` overrides. Unknown keys and wrong types are errors, not silen
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from medunic_core.constants import LANGUAGES
 from medunic_core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -116,6 +119,7 @@ class DataConfig:
     cache_dir: str = "cache/images"
     langs: list[str] = field(default_factory=lambda: ["en", "es"])
     num_workers: int = 0
+    max_bad_fraction: float = 0.05  # unreadable images left out of training up to this share; more stops it
 
 
 @dataclass
@@ -192,6 +196,7 @@ class FedConfig:
     round_timeout: float = 1800.0  # seconds the server waits for the replies of a round
     eval_every: int = 1  # rounds between evaluations
     resume: bool = True  # continue from out_dir/server_checkpoint.pt when it exists
+    max_site_records: int = 1_000_000  # most records a site may report (evaluation, statistics, vocabulary)
 
 
 @dataclass
@@ -260,11 +265,52 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Numbers that must lie in a range; checked whenever a config is loaded, so that a wrong
+# value fails at once with its key instead of as a NaN or a traceback mid-run.
+POSITIVE = (
+    "model.image.size", "model.image.cache_size", "model.image.std", "model.text.max_length",
+    "model.head.hidden_dim", "model.head.embed_dim", "model.head.ctr_dim", "loss.temperature", "loss.tf_denom",
+    "loss.tt_denom", "vocab.vocab_size", "vocab.min_df", "synth.image_size", "train.batch_size", "train.accum_steps",
+    "train.lr", "train.grad_clip", "train.log_every", "train.ckpt_every", "train.epochs", "mlm.batch_size", "mlm.lr",
+    "mlm.log_every", "eval.batch_size", "fed.rounds", "fed.local_steps", "fed.reject_factor", "fed.site_wait",
+    "fed.round_timeout", "fed.eval_every", "fed.max_site_records",
+)
+NON_NEGATIVE = (
+    "loss.cvl_weight", "loss.ssv_weight", "loss.ctr_weight", "loss.ctr_lambda", "vocab.max_new_tokens",
+    "data.num_workers", "train.weight_decay", "train.warmup_steps", "mlm.steps", "mlm.weight_decay",
+    "mlm.warmup_steps", "fed.proximal_mu", "fed.server_lr", "fed.expected_sites", "fed.min_sites",
+    "model.text.freeze_layers",
+)
+FRACTIONS = ("train.min_lr_ratio", "data.max_bad_fraction", "mlm.mask_prob", "model.text.dropout",
+             "synth.dicom_fraction", "synth.test_fraction", "synth.val_fraction")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 def _check_choices(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"bad value for '{key}': '{value}' is not one of {', '.join(allowed)}")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Sizes, rates and counts in range; known languages; a device torch can name."""
+    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is None or not ok(value):
+                raise ConfigError(f"bad value for '{key}': {value}; it must be {what}")
+    langs = list(cfg.data.langs)
+    unknown = [lang for lang in langs if lang not in LANGUAGES]
+    if not langs or unknown or len(set(langs)) != len(langs):
+        raise ConfigError(f"bad value for 'data.langs': {langs}; a non-empty list of distinct languages of "
+                          f"{list(LANGUAGES)}")
+    if cfg.vocab.extend_lang not in LANGUAGES:
+        raise ConfigError(f"bad value for 'vocab.extend_lang': '{cfg.vocab.extend_lang}' is not one of {list(LANGUAGES)}")
+    if not DEVICE.match(str(cfg.train.device)):
+        raise ConfigError(f"bad value for 'train.device': '{cfg.train.device}' is not one of auto, cpu, cuda, "
+                          "cuda:N, mps")
 
 
 def _check_dp(cfg: DictConfig) -> None:
@@ -315,6 +361,19 @@ def _config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad value for '{key}': {str(exc).splitlines()[0]}")
 
 
+def _load_yaml(path: Path) -> Any:
+    """A YAML config file; one line naming the file when it cannot be read or parsed."""
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"{path} is not a readable YAML config ({type(exc).__name__}: {reason}); fix or "
+                          "re-create it") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} is not a YAML mapping of config keys")
+    return loaded
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -336,7 +395,7 @@ def load_config(
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _load_yaml(path), str(path))
     elif preset is not None:
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
@@ -345,13 +404,14 @@ def load_config(
             raise ConfigError(
                 f"unknown preset '{preset}'; {hint}available: {', '.join(list_presets())}"
             )
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _load_yaml(path), str(path))
         cfg.preset = preset
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     _check_choices(cfg)
+    _check_ranges(cfg)
     _check_dp(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]

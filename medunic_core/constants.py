@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+# The Flower app: pyproject.toml with [tool.flwr.app] and the packages its FAB carries. The
+# coordinator runs `flwr run APP_DIR`; a site allows the FAB built from its own APP_DIR.
+APP_DIR = Path(__file__).resolve().parents[1]
+
 LANGUAGES: tuple[str, ...] = ("en", "es")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 

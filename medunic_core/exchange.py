@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from medunic_core.errors import CheckpointMismatchError
+from medunic_core.federation.payload import WIRE_DTYPES
 
 TOKEN_EMBEDDINGS = "text_encoder.bert.embeddings.word_embeddings.weight"
 BN_BUFFERS = ("running_mean", "running_var")
-WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def wire_names(model: nn.Module) -> list[str]:

@@ -152,6 +152,10 @@ def check_release(
     return noise
 
 
+# What a site reports of each release (the ``privacy`` record of its reply).
+RELEASE_FIELDS = ("epsilon", "epsilon_all_runs", "delta", "releases", "noise_multiplier", "clip")
+
+
 def release_update(
     received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray], dp: DpUpdateConfig, noise: float,
     ledger: ReleaseLedger, run: str, server_round: int,
@@ -160,10 +164,9 @@ def release_update(
     the privacy it has spent: only data-independent numbers, the raw norm stays at the site."""
     released, _ = privatize_update(received, trained, dp.clip, noise)
     ledger.add(run, server_round, noise, dp.clip)
-    return released, {
-        "epsilon": ledger.epsilon(dp.delta, run=run), "epsilon_all_runs": ledger.epsilon(dp.delta),
-        "delta": float(dp.delta), "releases": len(ledger.history(run)), "noise_multiplier": noise, "clip": float(dp.clip),
-    }
+    spent = (ledger.epsilon(dp.delta, run=run), ledger.epsilon(dp.delta), float(dp.delta), len(ledger.history(run)),
+             noise, float(dp.clip))
+    return released, dict(zip(RELEASE_FIELDS, spent))
 
 
 # -- DP-SGD (MLM, linear probe) ------------------------------------------------------------

@@ -359,6 +359,12 @@ def vocabulary_words(cfg: VocabConfig, max_length: Optional[int] = None) -> Call
     return word_splitter(_bert_tokenizer(list(SPECIAL_TOKENS), None, cfg.lowercase, max_length))
 
 
+def counts_language(cfg: VocabConfig, lang: str) -> bool:
+    """Whether the vocabulary stage counts a language's words: all languages when training
+    WordPiece, only ``cfg.extend_lang`` when extending a base (it covers the others)."""
+    return cfg.base is None or lang == cfg.extend_lang
+
+
 def site_word_counts(
     cfg: VocabConfig, reports: Sequence[tuple[str, str]], max_length: Optional[int] = None
 ) -> dict[str, tuple[dict[str, int], int]]:
@@ -371,7 +377,7 @@ def site_word_counts(
     split = vocabulary_words(cfg, max_length)
     out: dict[str, tuple[dict[str, int], int]] = {}
     for lang in sorted({lang for _, lang in reports}):
-        if cfg.base is not None and lang != cfg.extend_lang:
+        if not counts_language(cfg, lang):
             continue
         texts = [text for text, l in reports if l == lang]
         df = document_frequencies(texts, split)

@@ -1,16 +1,17 @@
-"""``medunic certs``: the TLS and SuperNode-authentication material of a federation.
+"""``medunic certs``: the coordinator's TLS material.
 
 Writes into one folder:
 
 - ``ca.crt`` / ``ca.key``: a private certificate authority (EC P-384), 10 years;
-- ``server.pem`` / ``server.key``: the SuperLink's certificate, signed by the CA, with a
-  subjectAltName for every host name and IP address the sites will dial;
-- ``sites/<name>`` / ``sites/<name>.pub``: one EC P-384 key pair per site in OpenSSH
-  format, for Flower's SuperNode authentication (the coordinator registers the ``.pub``,
-  the site keeps the private key).
+- ``server.pem`` / ``server.key``: the SuperLink's certificate, signed by the CA, 825 days,
+  with a subjectAltName for every host name and IP address the sites dial, plus
+  ``127.0.0.1`` and ``localhost``: the coordinator's own tools and the SuperExec reach the
+  SuperLink over loopback (server.superlink), also over TLS.
 
-Private keys are written 0600 and their folder 0700. Existing files are never
-overwritten unless ``--force`` is given.
+Site keys are not made here: each site makes its own SuperNode key pair (``medunic client
+keygen``) and sends only the public key, so the coordinator never holds a site's private key.
+Private keys are written 0600 and their folder 0700. Existing files are never overwritten
+unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -28,23 +28,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medunic_core.errors import ConfigError
+from medunic_core.keyfiles import write_key_file
 
 CURVE = ec.SECP384R1()
 CA_DAYS, SERVER_DAYS = 3650, 825
-
-
-def _write(path: Path, data: bytes, private: bool, force: bool) -> Path:
-    if path.exists() and not force:
-        raise ConfigError(f"{path} exists; refusing to overwrite key material without --force")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if private:
-        os.chmod(path.parent, 0o700)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600 if private else 0o644)
-    return path
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")  # always in the SAN: the control listener is on loopback
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -86,8 +74,8 @@ def create_ca(out: Path, force: bool = False) -> tuple[x509.Certificate, ec.Elli
                                      encipher_only=False, decipher_only=False), critical=True)
         .sign(key, hashes.SHA384())
     )
-    _write(out / "ca.key", _pem_key(key), True, force)
-    _write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), False, force)
+    write_key_file(out / "ca.key", _pem_key(key), True, force)
+    write_key_file(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), False, force)
     return cert, key
 
 
@@ -95,6 +83,7 @@ def create_server_cert(out: Path, hosts: Sequence[str], ca: x509.Certificate, ca
                        force: bool = False) -> x509.Certificate:
     if not hosts:
         raise ConfigError("the server certificate needs at least one --host (name or IP the sites dial)")
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
     key = ec.generate_private_key(CURVE)
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
@@ -110,50 +99,35 @@ def create_server_cert(out: Path, hosts: Sequence[str], ca: x509.Certificate, ca
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write(out / "server.key", _pem_key(key), True, force)
-    _write(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM), False, force)
+    write_key_file(out / "server.key", _pem_key(key), True, force)
+    write_key_file(out / "server.pem", cert.public_bytes(serialization.Encoding.PEM), False, force)
     return cert
 
 
-def create_site_keys(out: Path, site: str, force: bool = False) -> tuple[Path, Path]:
-    """An EC P-384 key pair in OpenSSH format for one SuperNode."""
-    if not site or "/" in site or site.startswith("."):
-        raise ConfigError(f"'{site}' is not a usable site name")
-    key = ec.generate_private_key(CURVE)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return (_write(out / "sites" / site, private, True, force),
-            _write(out / "sites" / f"{site}.pub", public + f" {site}\n".encode(), False, force))
-
-
-def create_all(out: str | Path, hosts: Sequence[str], sites: Sequence[str], force: bool = False) -> Path:
-    """CA (reused when present and not forced), server certificate, and site key pairs."""
+def create_all(out: str | Path, hosts: Sequence[str], force: bool = False) -> Path:
+    """CA (reused when present and not forced) and a server certificate for ``hosts``."""
     out = Path(out)
     if (out / "ca.crt").exists() and (out / "ca.key").exists() and not force:
         ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
         ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
     else:
         ca, ca_key = create_ca(out, force)
-    if hosts:
-        create_server_cert(out, hosts, ca, ca_key, force)  # type: ignore[arg-type]
-    for site in sites:
-        create_site_keys(out, site, force)
+    create_server_cert(out, hosts, ca, ca_key, force)  # type: ignore[arg-type]
     return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("certs", help="CA, SuperLink TLS certificate and per-site SuperNode keys")
+    parser = subparsers.add_parser("certs", help="coordinator: CA and SuperLink TLS certificate")
     parser.add_argument("--out", default="certs", help="folder (default: %(default)s)")
     parser.add_argument("--host", action="append", default=[],
-                        help="host name or IP the sites dial (repeat; goes into the certificate's SAN)")
-    parser.add_argument("--site", action="append", default=[], help="site name to create a key pair for (repeat)")
+                        help="host name or IP the sites dial (repeat; goes into the certificate's SAN, "
+                             "with 127.0.0.1 and localhost)")
     parser.add_argument("--force", action="store_true", help="overwrite existing key material")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    out = create_all(args.out, args.host, args.site, args.force)
+    out = create_all(args.out, args.host, args.force)
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         print(f"{oct(path.stat().st_mode & 0o777)}  {path}")
     return 0

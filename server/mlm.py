@@ -21,13 +21,13 @@ from flwr.serverapp import Grid
 
 from client.site import build_mlm_model
 from medunic_core.exchange import load_arrays
+from medunic_core.federation import payload as P
 from server.report import write_federated_report
 from server.rounds import FederatedRun
 from server.strategy import MedUniCAggregation, make_strategy
 
 log = logging.getLogger("flwr.medunic")
 
-MLM_MESSAGE = "train.mlm"
 TEXT_ENCODER_DIR = "text_encoder"
 
 
@@ -39,7 +39,9 @@ class MlmRun(FederatedRun):
 
     def _make_strategy(self) -> MedUniCAggregation:
         key = f"{self.model.base_model_prefix}.embeddings.word_embeddings.weight"
-        return make_strategy(self.cfg, self.num_sites, self.vocab_sha, message_type=MLM_MESSAGE, token_key=key)
+        return make_strategy(self.cfg, self.num_sites, self.vocab_sha, message_type=P.TRAIN_MLM, token_key=key,
+                             max_examples=self.cfg.fed.local_steps * self.cfg.mlm.batch_size,
+                             identities=self.identities)
 
     def _before_round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> None:
         """No statistics pass: the MLM stage has no alignment state."""

@@ -19,13 +19,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.records import arrays_record, record_arrays
 from client.site import build_model, run_medunic_config
 from medunic_core import __version__
-from medunic_core.align import AlignmentState
+from medunic_core.align import AlignmentState, alignment_layout
 from medunic_core.checkpoint import atomic_save, load_checkpoint
 from medunic_core.config import save_config, to_dict
 from medunic_core.data.dataset import prepare_images
@@ -35,8 +34,12 @@ from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import evaluate, evaluate_model
 from medunic_core.exchange import arrays_sha256, load_arrays, model_arrays
 from medunic_core.export import export_model
+from medunic_core.federation import payload as P
+from medunic_core.federation.replies import check_alignment_reply, check_evaluate_reply
 from medunic_core.train import start_wandb
 from medunic_core.vocab import load_tokenizer, vocab_sha256
+from server.messages import arrays_record, broadcast, record_arrays
+from server.registry import site_identities
 from server.report import write_federated_report
 from server.strategy import MedUniCAggregation, federation_size, make_strategy, wait_for_sites
 
@@ -59,12 +62,14 @@ class FederatedRun:
             raise ConfigError("run config 'tokenizer' (the run's tokenizer folder) is not set")
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.vocab_sha = vocab_sha256(self.tokenizer)
+        self.identities = site_identities(self.cfg.data.langs, run_config)
         self.model = self._build_model()
         self.strategy = self._make_strategy()
         self.community: Optional[AlignmentState] = None
         self.resumed: Optional[dict[str, Any]] = None  # what _restore loaded, for the first resumed row
         self.run_key = secrets.token_hex(8)  # names this run in the sites' privacy ledgers; kept on resume
         self._central_test: Optional[list[Record]] = None
+        self._invalid: dict[str, dict[str, str]] = {}  # exchange -> site -> why its reply was rejected
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid) -> Path:
@@ -88,6 +93,9 @@ class FederatedRun:
             replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
             aggregated, metrics = self.strategy.aggregate_train(rnd, replies)
             row: dict[str, Any] = {"round": rnd, **self.strategy.last_round}
+            row["invalid"] = {P.TRAIN: row["invalid"]} if row.get("invalid") else {}
+            row["invalid"].update(self._invalid)
+            self._invalid = {}
             if rnd == start and self.resumed:
                 row["resumed"] = self.resumed
             if aggregated is None:
@@ -113,19 +121,20 @@ class FederatedRun:
         return build_model(self.cfg, self.tokenizer)
 
     def _make_strategy(self) -> MedUniCAggregation:
-        return make_strategy(self.cfg, self.num_sites, self.vocab_sha)
+        layout = alignment_layout(self.model, self.cfg.loss.ctr, self.cfg.align.image)
+        return make_strategy(self.cfg, self.num_sites, self.vocab_sha, layout=layout, identities=self.identities)
 
     def _before_round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> None:
         """Round 1 of ``align.train_norm=mixed`` starts from a statistics-only pass."""
         if rnd == 1 and self.cfg.align.train_norm == "mixed" and self.cfg.align.round1 == "stats":
-            self.strategy.alignment = self._query_state(grid, "query.stats", arrays, {"batches": 4})
+            self.strategy.alignment = self._query_state(grid, P.QUERY_STATS, arrays, {P.BATCHES: 4})
 
     def _evaluate_round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], row: dict[str, Any]) -> None:
         # per-language P_l statistics: every evaluated round with eval_norm=community,
         # and always at the end, so that the export supports both eval norms
         if self.cfg.align.eval_norm == "community" or rnd == self.cfg.fed.rounds:
             # a community without a reply this time keeps its last statistics
-            fresh = self._query_state(grid, "query.community", arrays, {})
+            fresh = self._query_state(grid, P.QUERY_COMMUNITY, arrays, {})
             self.community = (self.community or AlignmentState()).replaced_by(fresh)
         row["sites_eval"] = self._evaluate_sites(grid, rnd, arrays)
         row["central"] = self._evaluate_central(arrays)
@@ -137,38 +146,42 @@ class FederatedRun:
     def _content(self, arrays: dict[str, np.ndarray], config: dict[str, Any]) -> RecordDict:
         return RecordDict(
             {
-                "arrays": arrays_record(arrays, np.float16 if self.cfg.fed.wire_dtype == "float16" else None),
-                "config": ConfigRecord({"vocab-sha": self.vocab_sha, "app-version": __version__, **config}),
+                P.ARRAYS: arrays_record(arrays, P.WIRE_DTYPES[self.cfg.fed.wire_dtype]),
+                P.CONFIG: ConfigRecord({P.VOCAB_SHA: self.vocab_sha, P.APP_VERSION: __version__, **config}),
             }
         )
 
     def _query_state(self, grid: Grid, message_type: str, arrays: dict[str, np.ndarray], config: dict) -> AlignmentState:
         """Alignment sums from every site (statistics pass or community statistics)."""
-        content = self._content(arrays, config)
-        messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in self._wait_for_nodes(grid)]
+        if message_type == P.QUERY_STATS:
+            layout = alignment_layout(self.model, self.cfg.loss.ctr, self.cfg.align.image)
+            most = int(config[P.BATCHES]) * self.cfg.train.batch_size
+        else:  # P_l's statistics over a site's training reports
+            layout = alignment_layout(self.model, ctr=False, heads=("text_head.",))
+            most = self.cfg.fed.max_site_records
+        got = broadcast(grid, self._wait_for_nodes(grid), self._content(arrays, config), message_type,
+                        self.cfg.fed.round_timeout, self.identities,
+                        lambda content, community: check_alignment_reply(content, community, layout, most), message_type)
+        self._note_invalid(message_type, got.invalid)
         state = AlignmentState()
-        for reply in grid.send_and_receive(messages, timeout=self.cfg.fed.round_timeout):
-            if reply.has_error():
-                log.warning("%s: node %d failed: %s", message_type, reply.metadata.src_node_id, reply.error.reason)
-                continue
-            self.strategy.node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["site"])
-            state = state.merged(AlignmentState.from_flat(record_arrays(reply.content["align"])))
+        for part in got.accepted.values():
+            state = state.merged(part)
         return state
 
     def _evaluate_sites(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        content = self._content(arrays, {"server-round": rnd})
+        content = self._content(arrays, {P.SERVER_ROUND: rnd})
         if self.community is not None and self.cfg.align.eval_norm == "community":
-            content["align"] = arrays_record(self.community.to_flat())
-        messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in self._wait_for_nodes(grid)]
-        out: dict[str, dict[str, float]] = {}
-        for reply in grid.send_and_receive(messages, timeout=self.cfg.fed.round_timeout):
-            if reply.has_error():
-                log.warning("evaluate: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
-            site = reply.content["site"]
-            self.strategy.node_sites[reply.metadata.src_node_id] = str(site["site"])
-            out[str(site["site"])] = {"community": str(site["community"]), **dict(reply.content["metrics"])}
-        return out
+            content[P.ALIGN] = arrays_record(self.community.to_flat())
+        got = broadcast(grid, self._wait_for_nodes(grid), content, MessageType.EVALUATE, self.cfg.fed.round_timeout,
+                        self.identities, lambda c, _: check_evaluate_reply(c, self.cfg.fed.max_site_records),
+                        f"evaluate, round {rnd}")
+        self._note_invalid(MessageType.EVALUATE, got.invalid)
+        return {site: {"community": got.communities[site], P.NUM_EXAMPLES: n, **metrics}
+                for site, (n, metrics) in got.accepted.items()}
+
+    def _note_invalid(self, exchange: str, invalid: dict[str, str]) -> None:
+        if invalid:
+            self._invalid.setdefault(exchange, {}).update(invalid)
 
     def _evaluate_central(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         """The global model on the coordinator's held-out set (public data), if it has one."""

@@ -17,12 +17,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from client.site import run_medunic_config
 from medunic_core.errors import FederationError
-from medunic_core.vocab import build_tokenizer_from_counts, vocab_sha256
+from medunic_core.federation import payload as P
+from medunic_core.federation.replies import check_vocab_reply
+from medunic_core.vocab import build_tokenizer_from_counts, counts_language, vocab_sha256
+from server.messages import broadcast
+from server.registry import site_identities
 from server.strategy import federation_size, wait_for_sites
 
 log = logging.getLogger("flwr.medunic")
@@ -38,33 +42,32 @@ class VocabularyStage:
         self.cfg = run_medunic_config(run_config)
         self.out = Path(self.cfg.fed.out_dir)
         self.num_sites, self.min_sites = federation_size(self.cfg, run_config)
+        self.identities = site_identities(self.cfg.data.langs, run_config)
 
     def run(self, grid: Grid) -> Path:
         nodes = wait_for_sites(grid, self.num_sites, self.min_sites, self.cfg.fed.site_wait, "vocabulary stage")
-        content = RecordDict({"config": ConfigRecord({"stage": "vocab"})})
-        messages = [Message(content=content, message_type="query.vocab", dst_node_id=n) for n in nodes]
+        content = RecordDict({P.CONFIG: ConfigRecord({P.STAGE: "vocab"})})
+        got = broadcast(grid, nodes, content, P.QUERY_VOCAB, self.cfg.fed.round_timeout, self.identities,
+                        lambda c, lang: check_vocab_reply(c, lang, counts_language(self.cfg.vocab, lang),
+                                                          self.cfg.vocab.min_df, self.cfg.fed.max_site_records),
+                        "vocabulary stage")
         counts: dict[str, Counter] = {}
         reports: Counter = Counter()
         sites: dict[str, dict[str, int]] = {}
-        for reply in grid.send_and_receive(messages, timeout=self.cfg.fed.round_timeout):
-            if reply.has_error():
-                log.warning("vocabulary stage: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
-            site = str(reply.content["site"]["site"])
-            sites[site] = {}
-            for name, record in reply.content.config_records.items():
-                if not name.startswith("vocab."):
-                    continue
-                lang = name.removeprefix("vocab.")
-                counts.setdefault(lang, Counter()).update(dict(zip(record["words"], record["df"])))
-                reports[lang] += int(record["reports"])
-                sites[site][lang] = int(record["reports"])
+        for site, (words, n) in got.accepted.items():
+            lang = got.communities[site]
+            sites[site] = {lang: n} if counts_language(self.cfg.vocab, lang) else {}
+            if counts_language(self.cfg.vocab, lang):
+                counts.setdefault(lang, Counter()).update(words)
+                reports[lang] += n
         if len(sites) < self.min_sites:
-            raise FederationError(f"vocabulary stage: {len(sites)} site(s) answered, {self.min_sites} needed")
+            raise FederationError(f"vocabulary stage: {len(sites)} site(s) answered usably, {self.min_sites} needed "
+                                  f"(rejected: {got.invalid}; failed: {got.failed})")
         folder = self.out / TOKENIZER_DIR
         tokenizer = build_tokenizer_from_counts(self.cfg.vocab, counts, dict(reports), folder,
                                                 self.cfg.model.text.max_length)
-        summary = {"sites": sites, "words_received": {lang: len(c) for lang, c in counts.items()},
+        summary = {"sites": sites, "invalid": got.invalid, "failed": got.failed,
+                   "words_received": {lang: len(c) for lang, c in counts.items()},
                    "vocab_size": len(tokenizer), "sha256": vocab_sha256(tokenizer), "tokenizer": str(folder)}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))

@@ -1,4 +1,5 @@
-"""`medunic certs`: a CA, a server certificate with the right SAN, OpenSSH site keys."""
+"""`medunic certs` (the coordinator's CA and SuperLink certificate) and `medunic client
+keygen` (a site's own SuperNode key pair)."""
 
 from __future__ import annotations
 
@@ -15,33 +16,41 @@ from medunic_core.errors import ConfigError
 from server.certs import create_all
 
 
-def test_certs_command_writes_a_verifiable_chain(tmp_path):
+def test_certs_command_writes_a_verifiable_chain_that_covers_loopback(tmp_path):
     out = tmp_path / "certs"
-    assert main(["certs", "--out", str(out), "--host", "coordinator.example.org", "--host", "127.0.0.1",
-                 "--site", "en-1", "--site", "es-1"]) == 0
+    assert main(["certs", "--out", str(out), "--host", "coordinator.example.org", "--host", "10.0.0.5"]) == 0
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    # the guide's names, plus loopback: the coordinator's own tools and SuperExec dial 127.0.0.1
+    assert san.get_values_for_type(x509.DNSName) == ["coordinator.example.org", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"),
+                                                       ipaddress.ip_address("127.0.0.1")]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    for site in ("en-1", "es-1"):
-        private = serialization.load_ssh_private_key((out / "sites" / site).read_bytes(), password=None)
-        public = serialization.load_ssh_public_key((out / "sites" / f"{site}.pub").read_bytes())
-        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-        assert private.public_key().public_numbers() == public.public_numbers()
-    for key in (out / "ca.key", out / "server.key", out / "sites" / "en-1"):
+    for key in (out / "ca.key", out / "server.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
-    assert stat.S_IMODE((out / "sites").stat().st_mode) == 0o700
+    assert not (out / "sites").exists()  # the coordinator never makes (or holds) a site's private key
 
 
 def test_existing_keys_are_never_overwritten_without_force(tmp_path):
-    create_all(tmp_path, ["localhost"], ["en-1"])
-    before = (tmp_path / "sites" / "en-1").read_bytes()
+    create_all(tmp_path, ["localhost"])
+    before = (tmp_path / "server.key").read_bytes()
     with pytest.raises(ConfigError, match="without --force"):
-        create_all(tmp_path, [], ["en-1"])
-    assert (tmp_path / "sites" / "en-1").read_bytes() == before
-    create_all(tmp_path, [], ["es-1"])  # a new site reuses the existing CA
-    create_all(tmp_path, ["localhost"], ["en-1"], force=True)
-    assert (tmp_path / "sites" / "en-1").read_bytes() != before
+        create_all(tmp_path, ["localhost"])
+    assert (tmp_path / "server.key").read_bytes() == before
+    create_all(tmp_path, ["localhost"], force=True)
+    assert (tmp_path / "server.key").read_bytes() != before
+
+
+def test_a_site_makes_its_own_key_pair_and_sends_only_the_public_key(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    assert main(["client", "keygen", "--site", "es-1", "--out", str(keys)]) == 0
+    private = serialization.load_ssh_private_key((keys / "es-1").read_bytes(), password=None)
+    public = serialization.load_ssh_public_key((keys / "es-1.pub").read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert stat.S_IMODE((keys / "es-1").stat().st_mode) == 0o600 and stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert "es-1.pub" in capsys.readouterr().out
+    assert main(["client", "keygen", "--site", "es-1", "--out", str(keys)]) == 2  # never overwritten
+    assert main(["client", "keygen", "--site", "../evil", "--out", str(keys)]) == 2

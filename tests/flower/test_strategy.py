@@ -1,57 +1,90 @@
-"""The strategy's own aggregation rules, on hand-made replies (Flower's FedAvg underneath)."""
+"""The strategy's own rules on hand-made replies (Flower's FedAvg underneath): token rows,
+fp32 averaging, the alignment state, rejection of outliers, failed and invalid replies,
+and a fuzz test that throws hundreds of malformed replies at it."""
 
 from __future__ import annotations
+
+import random
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client.records import arrays_record, record_arrays
 from medunic_core.align import AlignmentState
 from medunic_core.config import load_config
 from medunic_core.exchange import TOKEN_EMBEDDINGS
-from server.strategy import make_strategy, mask_unused_rows, outliers
+from server.messages import arrays_record, record_arrays
+from server.registry import SiteIdentities
+from server.strategy import make_strategy
 
 ROWS, DIM = 4, 3
+NORM = "text_head.norm#0"
+LAYOUT = {f"{NORM}.n": (1,), f"{NORM}.sum": (DIM,), f"{NORM}.sumsq": (DIM,)}
 
 
-class TwoNodes:
+class Nodes:
+    def __init__(self, *ids: int) -> None:
+        self.ids = list(ids)
+
     def get_node_ids(self):
-        return [11, 12]
+        return self.ids
 
 
-def _reply(request: Message, emb: np.ndarray, other: float, n: int, used: list[int], lang: str) -> Message:
+def _align(lang: str, n: int) -> dict[str, np.ndarray]:
+    state = AlignmentState()
+    x = torch.arange(n * DIM, dtype=torch.float64).reshape(n, DIM) / (n * DIM)
+    state.add(lang, f"{NORM}.n", torch.tensor(float(n)))
+    state.add(lang, f"{NORM}.sum", x.sum(0))
+    state.add(lang, f"{NORM}.sumsq", (x * x).sum(0))
+    return state.to_flat()
+
+
+def _records(emb: np.ndarray, other: float, n: int, used: list[int], lang: str, site: str) -> dict:
     rows = np.zeros(ROWS, dtype=np.uint8)
     rows[used] = 1
-    align = AlignmentState()
-    align.add(lang, "text_head.norm#0.n", torch.tensor(float(n)))
-    return Message(
-        RecordDict({
-            "arrays": arrays_record({TOKEN_EMBEDDINGS: emb.astype(np.float16), "w": np.array([other], np.float16)}),
-            "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
-            "align": arrays_record(align.to_flat()),
-            "usage": arrays_record({"token_rows": rows}),
-            "site": ConfigRecord({"site": f"{lang}-1", "community": lang}),
-        }),
-        reply_to=request,
-    )
+    return {
+        "arrays": {TOKEN_EMBEDDINGS: emb.astype(np.float16), "w": np.array([other], np.float16)},
+        "metrics": {"num-examples": n, "train_loss": 1.0},
+        "align": _align(lang, n),
+        "usage": {"token_rows": rows},
+        "site": {"site": site, "community": lang},
+    }
+
+
+def _message(request: Message, records: dict) -> Message:
+    """A reply from plain records: dicts of arrays -> ArrayRecord, 'metrics' -> MetricRecord,
+    other dicts -> ConfigRecord; a ready-made record is kept as it is."""
+    content = {}
+    for name, value in records.items():
+        if not isinstance(value, dict):
+            content[name] = value
+        elif value and all(isinstance(v, np.ndarray) for v in value.values()):
+            content[name] = ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v)) for k, v in value.items()})
+        elif name == "metrics":
+            content[name] = MetricRecord(value)
+        else:
+            content[name] = ConfigRecord(value)
+    return Message(RecordDict(content), reply_to=request)
+
+
+def _strategy(nodes=(11, 12), identities=None, *overrides: str):
+    cfg = load_config("tiny", ["fed.wire_dtype=float16", *overrides])
+    strategy = make_strategy(cfg, num_sites=len(nodes), vocab_sha="abc", layout=LAYOUT, identities=identities)
+    strategy.alignment = AlignmentState.from_flat({"fr/text_head.norm#0.n": np.array([5.0])})
+    global_arrays = {TOKEN_EMBEDDINGS: np.full((ROWS, DIM), 9.0, np.float32), "w": np.array([0.0], np.float32)}
+    messages = list(strategy.configure_train(1, arrays_record(global_arrays), ConfigRecord(), Nodes(*nodes)))
+    return strategy, sorted(messages, key=lambda m: m.metadata.dst_node_id)
 
 
 @pytest.fixture
 def strategy_and_requests():
-    cfg = load_config("tiny", ["fed.wire_dtype=float16"])
-    strategy = make_strategy(cfg, num_sites=2, vocab_sha="abc")
-    strategy.alignment = AlignmentState.from_flat({"fr/text_head.norm#0.n": np.array([5.0])})
-    global_arrays = {TOKEN_EMBEDDINGS: np.full((ROWS, DIM), 9.0, np.float32), "w": np.array([0.0], np.float32)}
-    messages = list(strategy.configure_train(1, arrays_record(global_arrays),
-                                             ConfigRecord(), TwoNodes()))
-    return strategy, messages
+    return _strategy()
 
 
 def test_messages_carry_weights_in_wire_dtype_state_and_vocab_hash(strategy_and_requests):
     _, messages = strategy_and_requests
-    assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
+    assert [m.metadata.dst_node_id for m in messages] == [11, 12]
     content = messages[0].content
     assert record_arrays(content["arrays"])[TOKEN_EMBEDDINGS].dtype == np.float16
     assert content["config"]["vocab-sha"] == "abc" and content["config"]["server-round"] == 1
@@ -61,7 +94,9 @@ def test_messages_carry_weights_in_wire_dtype_state_and_vocab_hash(strategy_and_
 def test_token_rows_average_over_the_sites_that_used_them(strategy_and_requests):
     strategy, (m1, m2) = strategy_and_requests
     e1, e2 = np.full((ROWS, DIM), 1.0), np.full((ROWS, DIM), 4.0)
-    replies = [_reply(m1, e1, 1.0, 30, [0, 1], "en"), _reply(m2, e2, 4.0, 10, [1, 2], "es")]
+    replies = [_message(m1, _records(e1, 1.0, 30, [0, 1], "en", "en-1")),
+               _message(m2, _records(e2, 4.0, 10, [1, 2], "es", "es-1"))]
+    before = [dict(r.content.array_records) for r in replies]
     arrays, metrics = strategy.aggregate_train(1, replies)
     emb = record_arrays(arrays)[TOKEN_EMBEDDINGS]
     assert emb.dtype == np.float32  # averaged in fp32 even though fp16 travelled
@@ -71,37 +106,22 @@ def test_token_rows_average_over_the_sites_that_used_them(strategy_and_requests)
     np.testing.assert_allclose(emb[3], 9.0)  # nobody: unchanged
     np.testing.assert_allclose(record_arrays(arrays)["w"], (30 * 1.0 + 10 * 4.0) / 40)  # plain FedAvg
     assert metrics["train_loss"] == pytest.approx(1.0)
+    assert [dict(r.content.array_records) for r in replies] == before  # replies are never edited
     # alignment: communities kept apart; fr had no site this round and keeps its sums
     assert strategy.alignment.communities == ["en", "es", "fr"]
-    assert float(strategy.alignment.sums["es"]["text_head.norm#0.n"]) == 10
-    assert float(strategy.alignment.sums["fr"]["text_head.norm#0.n"]) == 5
+    assert float(strategy.alignment.sums["es"][f"{NORM}.n"]) == 10
+    assert float(strategy.alignment.sums["fr"][f"{NORM}.n"]) == 5
 
 
-def test_non_finite_and_outlier_updates_are_rejected(strategy_and_requests):
-    strategy, (m1, m2) = strategy_and_requests
-    bad = np.full((ROWS, DIM), 9.0)
-    bad[0, 0] = np.nan
-    replies = [_reply(m1, bad, 1.0, 30, [0], "en"), _reply(m2, np.full((ROWS, DIM), 8.0), 2.0, 10, [0], "es")]
+def test_outlier_updates_are_rejected_with_their_alignment_sums():
+    strategy, (m1, m2, m3) = _strategy((11, 12, 13))
+    replies = [_message(m1, _records(np.full((ROWS, DIM), 9.0 + 5e3), 1.0, 30, [0], "en", "en-1")),
+               _message(m2, _records(np.full((ROWS, DIM), 8.0), 2.0, 10, [0], "es", "es-1")),
+               _message(m3, _records(np.full((ROWS, DIM), 8.5), 2.0, 10, [0], "es", "es-2"))]
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert strategy.last_round["rejected"] == ["en-1"] and strategy.last_round["sites"] == ["es-1"]
+    assert strategy.last_round["rejected"] == ["en-1"] and strategy.last_round["sites"] == ["es-1", "es-2"]
     np.testing.assert_allclose(record_arrays(arrays)["w"], 2.0)
     assert "en" not in strategy.alignment.communities  # a rejected site's sums are not merged either
-    assert outliers([1.0, 1.2, 50.0], factor=10) == [2]
-    assert outliers([1.0, float("inf")], factor=10) == [1]
-    assert outliers([1.0, 3.0], factor=10) == []
-
-
-def test_mask_unused_rows_keeps_a_plain_weighted_mean_exact():
-    rng = np.random.default_rng(0)
-    arrays = [{TOKEN_EMBEDDINGS: rng.normal(size=(5, 2))} for _ in range(3)]
-    usage = [np.array([1, 1, 0, 0, 0]), np.array([0, 1, 1, 0, 0]), np.array([0, 1, 1, 1, 0])]
-    weights = [1.0, 2.0, 3.0]
-    original = [a[TOKEN_EMBEDDINGS].copy() for a in arrays]
-    mask_unused_rows(arrays, usage, weights, current=np.zeros((5, 2)))
-    mean = sum(w * a[TOKEN_EMBEDDINGS] for w, a in zip(weights, arrays)) / sum(weights)
-    np.testing.assert_allclose(mean[2], (2 * original[1][2] + 3 * original[2][2]) / 5)
-    np.testing.assert_allclose(mean[3], original[2][3])
-    np.testing.assert_allclose(mean[4], 0.0)
 
 
 def test_strategy_choice():
@@ -112,7 +132,7 @@ def test_strategy_choice():
 
 def test_failed_replies_are_counted_not_averaged(strategy_and_requests):
     strategy, (m1, m2) = strategy_and_requests
-    ok = _reply(m2, np.full((ROWS, DIM), 8.0), 2.0, 10, [0], "es")
+    ok = _message(m2, _records(np.full((ROWS, DIM), 8.0), 2.0, 10, [0], "es", "es-1"))
     died = Message(Error(code=0, reason="site died mid-round"), reply_to=m1)
     arrays, _ = strategy.aggregate_train(1, [died, ok])
     assert strategy.last_round["failed"] == 1 and strategy.last_round["sites"] == ["es-1"]
@@ -120,3 +140,154 @@ def test_failed_replies_are_counted_not_averaged(strategy_and_requests):
     assert strategy.last_round["failed_sites"] == [f"node-{m1.metadata.dst_node_id}"]
     np.testing.assert_allclose(record_arrays(arrays)["w"], 2.0)
     assert strategy.aggregate_train(2, [died]) == (None, None)
+
+
+def test_a_site_is_who_it_was_bound_to_not_who_it_says():
+    strategy, (m1, m2) = _strategy()
+    strategy.aggregate_train(1, [_message(m1, _records(np.ones((ROWS, DIM)), 1.0, 8, [0], "en", "en-1")),
+                                 _message(m2, _records(np.ones((ROWS, DIM)), 1.0, 8, [0], "es", "es-1"))])
+    # round 2: the English node calls itself es-1 and writes into the Spanish statistics
+    replies = [_message(m1, _records(np.ones((ROWS, DIM)), 5.0, 8, [0], "es", "es-1")),
+               _message(m2, _records(np.ones((ROWS, DIM)), 1.0, 8, [0], "es", "es-1"))]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert strategy.last_round["sites"] == ["es-1"] and list(strategy.last_round["invalid"]) == ["en-1"]
+    assert "is site 'en-1' (en)" in strategy.last_round["invalid"]["en-1"]
+    np.testing.assert_allclose(record_arrays(arrays)["w"], 1.0)
+
+
+# -- hostile replies ----------------------------------------------------------------------
+def _nan(a: np.ndarray) -> np.ndarray:
+    a = a.astype(a.dtype, copy=True)
+    a.reshape(-1)[0] = np.nan
+    return a
+
+
+def _plain(records: dict, record: str) -> dict:
+    if not isinstance(records.get(record), dict):  # removed or replaced by an earlier mutation
+        raise KeyError(record)
+    return records[record]
+
+
+def _set(records: dict, record: str, key: str, value) -> dict:
+    return {**records, record: {**_plain(records, record), key: value}}
+
+
+def _without(records: dict, record: str, key: str) -> dict:
+    return {**records, record: {k: v for k, v in _plain(records, record).items() if k != key}}
+
+
+def _flat(records: dict, name: str, value) -> dict:
+    """Replace one alignment entry (by its key after the community)."""
+    align = {k: (value if k.endswith("/" + name) else v) for k, v in _plain(records, "align").items()}
+    return {**records, "align": align}
+
+
+MUTATIONS = {  # each makes a reply that must be rejected
+    "num-examples NaN": lambda r: _set(r, "metrics", "num-examples", float("nan")),
+    "num-examples inf": lambda r: _set(r, "metrics", "num-examples", float("inf")),
+    "num-examples 1e12": lambda r: _set(r, "metrics", "num-examples", 10**12),
+    "num-examples negative": lambda r: _set(r, "metrics", "num-examples", -20),
+    "num-examples zero": lambda r: _set(r, "metrics", "num-examples", 0),
+    "num-examples fraction": lambda r: _set(r, "metrics", "num-examples", 2.5),
+    "num-examples list": lambda r: _set(r, "metrics", "num-examples", [1, 2]),
+    "num-examples missing": lambda r: _without(r, "metrics", "num-examples"),
+    "loss NaN": lambda r: _set(r, "metrics", "train_loss", float("nan")),
+    "weight NaN": lambda r: _set(r, "arrays", "w", _nan(r["arrays"]["w"])),
+    "weight inf": lambda r: _set(r, "arrays", "w", np.array([np.inf], np.float16)),
+    "weight shape broadcasts": lambda r: _set(r, "arrays", TOKEN_EMBEDDINGS, np.ones((1, DIM), np.float16)),
+    "weight shape transposed": lambda r: _set(r, "arrays", TOKEN_EMBEDDINGS, np.ones((DIM, ROWS), np.float16)),
+    "weight dtype float32": lambda r: _set(r, "arrays", "w", np.array([1.0], np.float32)),
+    "weight dtype int": lambda r: _set(r, "arrays", "w", np.array([1], np.int64)),
+    "weight missing": lambda r: _without(r, "arrays", "w"),
+    "weight extra": lambda r: _set(r, "arrays", "evil", np.ones(2, np.float16)),
+    "extra ArrayRecord": lambda r: {**r, "evil": {"x": np.ones(2, np.float32)}},
+    "extra MetricRecord": lambda r: {**r, "metrics2": MetricRecord({"num-examples": 3})},
+    "extra ConfigRecord": lambda r: {**r, "note": {"hello": "world"}},
+    "arrays missing": lambda r: {k: v for k, v in r.items() if k != "arrays"},
+    "arrays as config": lambda r: {**r, "arrays": ConfigRecord({"w": "1.0"})},
+    "metrics missing": lambda r: {k: v for k, v in r.items() if k != "metrics"},
+    "site missing": lambda r: {k: v for k, v in r.items() if k != "site"},
+    "site renames itself": lambda r: _set(r, "site", "site", "es-9"),
+    "site claims another community": lambda r: _set(r, "site", "community", "es" if r["site"]["community"] == "en" else "en"),
+    "site extra key": lambda r: _set(r, "site", "hospital", "x"),
+    "site name not a string": lambda r: _set(r, "site", "site", 7),
+    "align missing": lambda r: {k: v for k, v in r.items() if k != "align"},
+    "align community xx": lambda r: {**r, "align": {k.replace(k.split('/')[0], "xx", 1): v for k, v in r["align"].items()}},
+    "align other community": lambda r: {**r, "align": {("es" if k.startswith("en/") else "en") + k[2:]: v
+                                                        for k, v in r["align"].items()}},
+    "align NaN": lambda r: _flat(r, f"{NORM}.sum", _nan(np.ones(DIM, np.float32))),
+    "align inf count": lambda r: _flat(r, f"{NORM}.n", np.array([np.inf], np.float32)),
+    "align negative count": lambda r: _flat(r, f"{NORM}.n", np.array([-4.0], np.float32)),
+    "align huge count": lambda r: _flat(r, f"{NORM}.n", np.array([1e9], np.float32)),
+    "align negative variance": lambda r: _flat(r, f"{NORM}.sumsq", np.full(DIM, -1.0, np.float32)),
+    "align wrong shape": lambda r: _flat(r, f"{NORM}.sum", np.ones(DIM + 1, np.float32)),
+    "align wrong dtype": lambda r: _flat(r, f"{NORM}.sum", np.ones(DIM, np.float64)),
+    "align missing key": lambda r: {**r, "align": {k: v for k, v in r["align"].items() if not k.endswith(".sumsq")}},
+    "align extra key": lambda r: {**r, "align": {**r["align"], f"{r['site']['community']}/image_head.x#0.n": np.ones(1, np.float32)}},
+    "usage wrong length": lambda r: _set(r, "usage", "token_rows", np.ones(ROWS + 3, np.uint8)),
+    "usage values": lambda r: _set(r, "usage", "token_rows", np.full(ROWS, 7, np.uint8)),
+    "usage dtype": lambda r: _set(r, "usage", "token_rows", np.ones(ROWS, np.float32)),
+    "usage missing": lambda r: {k: v for k, v in r.items() if k != "usage"},
+    "privacy instead of usage": lambda r: {**{k: v for k, v in r.items() if k != "usage"}, "privacy": {"epsilon": 1.0}},
+}
+
+
+def _weighted_average(updates: list[tuple[np.ndarray, float, int, list[int]]]) -> tuple[np.ndarray, float]:
+    """The expected global model: token rows over the sites that used them (else 9.0), w over all."""
+    emb = np.full((ROWS, DIM), 9.0)
+    for row in range(ROWS):
+        users = [(e, n) for e, _, n, used in updates if row in used]
+        if users:
+            emb[row] = sum(n * e[row].astype(np.float16).astype(np.float64) for e, n in users) / sum(n for _, n in users)
+    total = sum(n for _, _, n, _ in updates)
+    w = sum(n * float(np.float16(o)) for _, o, n, _ in updates) / total
+    return emb, w
+
+
+def test_hundreds_of_malformed_replies_never_crash_a_round_or_poison_the_model():
+    rng, arrays_rng = random.Random(7), np.random.default_rng(7)
+    honest, hostile = [11, 12], [13, 14, 15, 16]
+    identities = SiteIdentities(["en", "es"])
+    names = {11: ("en-1", "en"), 12: ("es-1", "es"), 13: ("en-2", "en"), 14: ("es-2", "es"), 15: ("en-3", "en"),
+             16: ("es-3", "es")}
+    strategy, _ = _strategy(tuple(names), identities)
+    # round 0: every node sends a valid reply, which binds its identity
+    messages = list(strategy.configure_train(1, arrays_record({TOKEN_EMBEDDINGS: np.full((ROWS, DIM), 9.0, np.float32),
+                                                               "w": np.array([0.0], np.float32)}),
+                                             ConfigRecord(), Nodes(*names)))
+    strategy.aggregate_train(1, [_message(m, _records(np.full((ROWS, DIM), 9.0), 0.0, 8, [0], names[n][1], names[n][0]))
+                                 for m in messages for n in [m.metadata.dst_node_id]])
+    thrown, kinds = 0, set()
+    for rnd in range(2, 132):
+        start = {TOKEN_EMBEDDINGS: np.full((ROWS, DIM), 9.0, np.float32), "w": np.array([0.0], np.float32)}
+        messages = {m.metadata.dst_node_id: m for m in
+                    strategy.configure_train(rnd, arrays_record(start), ConfigRecord(), Nodes(*names))}
+        replies, valid = [], []
+        for node in honest:
+            emb, other = 9.0 + arrays_rng.uniform(-1, 1, (ROWS, DIM)), rng.uniform(-1, 1)
+            n, used = rng.randint(1, 64), rng.sample(range(ROWS), rng.randint(1, ROWS))
+            replies.append(_message(messages[node], _records(emb, other, n, used, names[node][1], names[node][0])))
+            valid.append((emb, other, n, used))
+        for node in hostile:
+            records = _records(9.0 + arrays_rng.uniform(-1, 1, (ROWS, DIM)), rng.uniform(-1, 1), rng.randint(1, 64), [0, 1],
+                               names[node][1], names[node][0])
+            for kind in rng.sample(sorted(MUTATIONS), rng.randint(1, 3)):
+                try:
+                    records = MUTATIONS[kind](records)
+                    kinds.add(kind)
+                except (KeyError, TypeError, AttributeError):  # an earlier mutation removed what it changes
+                    pass
+            replies.append(_message(messages[node], records))
+            thrown += 1
+        rng.shuffle(replies)
+        arrays, _ = strategy.aggregate_train(rnd, replies)  # nothing escapes
+        assert sorted(strategy.last_round["sites"]) == ["en-1", "es-1"], strategy.last_round
+        assert sorted(strategy.last_round["invalid"]) == ["en-2", "en-3", "es-2", "es-3"]
+        got = record_arrays(arrays)
+        assert all(np.isfinite(a).all() for a in got.values())
+        emb, w = _weighted_average(valid)
+        np.testing.assert_allclose(got[TOKEN_EMBEDDINGS], emb, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["w"], w, rtol=1e-5, atol=1e-6)
+        assert strategy.alignment.communities == ["en", "es", "fr"]
+        assert all(torch.isfinite(v).all() for b in strategy.alignment.sums.values() for v in b.values())
+    assert thrown >= 500 and kinds == set(MUTATIONS)

@@ -1,0 +1,150 @@
+"""The coordinator's SuperLink: Flower's own, with only the Fleet API on the network.
+
+Flower 1.42 serves three APIs on one HTTP port: Fleet (``/v1/fleet/*``, the SuperNodes),
+Control (``/v1/control/*``: ``flwr run|ls|log|stop``, ``flwr supernode
+register|unregister``) and Runtime (``/v1/runtime/*``: the SuperExec and ServerApps). The
+open-source Control API has no accounts, so whoever reaches that port with the CA
+certificate controls the federation and runs code at the coordinator and at every site.
+
+This wrapper serves Flower's SuperLink app (``flwr.superlink.main.create_app``, unchanged)
+from one uvicorn server on two listeners:
+
+- the **control listener**, on loopback only (Flower's ``--host``/``--port``, which must be
+  a loopback address): every API, for the coordinator's own tools (``medunic server ...``,
+  ``flwr``) and for the SuperExec the SuperLink starts;
+- the **public listener** (``--public HOST:PORT``): the Fleet API routes and ``/health``,
+  nothing else. Any other path, whatever the caller holds, is answered ``403`` with a line
+  saying why, and logged.
+
+The listener a request came in on is the local port of its connection (ASGI
+``scope["server"]``), which a caller cannot choose. Pinned to flwr 1.42.0: the wrapper
+replaces ``flower_superlink._run_superlink_http_api``, the function that starts uvicorn.
+
+Run as ``python -m server.superlink --public HOST:PORT <flower-superlink arguments>``
+(``medunic server start`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import ipaddress
+import json
+import logging
+import socket
+import sys
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+import flwr
+
+PINNED_FLWR = "1.42.0"
+REFUSAL = ("medunic coordinator: this port serves only the Fleet API (site daemons); the Control and Runtime "
+           "APIs are reachable from the coordinator host only")
+
+log = logging.getLogger("flwr.medunic.superlink")
+
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
+
+
+def public_paths() -> frozenset[str]:
+    """The exact paths the public listener serves: Flower's Fleet routes and the health check."""
+    from flwr.supercore.routers.health.router import router as health_router
+    from flwr.superlink.routers.fleet.router import router as fleet_router
+
+    return frozenset(route.path for router in (fleet_router, health_router) for route in router.routes)
+
+
+class FleetOnly:
+    """ASGI wrapper: requests that arrive on ``public_port`` reach the app only for ``allowed`` paths."""
+
+    def __init__(self, app: ASGIApp, public_port: int, allowed: frozenset[str]) -> None:
+        self.app, self.public_port, self.allowed = app, public_port, allowed
+
+    def on_public_listener(self, scope: Scope) -> bool:
+        server = scope.get("server") or (None, None)
+        return server[1] == self.public_port
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket") and self.on_public_listener(scope) and scope["path"] not in self.allowed:
+            client = scope.get("client") or ("?", 0)
+            log.warning("refused %s %s from %s:%s on the public port", scope.get("method", "WS"), scope["path"][:200],
+                        client[0], client[1])
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            body = json.dumps({"detail": REFUSAL}).encode()
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"'{address}' is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn (which listens on it)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                        flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(address)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _serve(config: Any, public: tuple[str, int]) -> None:
+    """Replacement of ``flower_superlink._run_superlink_http_api`` (flwr 1.42.0)."""
+    import uvicorn
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+    from flwr.superlink.main import create_app
+
+    if not _is_loopback(config.host):
+        raise SystemExit(f"server.superlink: the control listener --host {config.host} must be a loopback "
+                         "address (127.0.0.1): the Control API has no authentication")
+    if public[1] == config.port:
+        raise SystemExit(f"server.superlink: the public port {public[1]} must differ from the control port")
+    app = FleetOnly(create_app(config, SuperLinkLifespan), public[1], public_paths())
+    server = uvicorn.Server(uvicorn.Config(
+        app=app, reload=False, access_log=True, log_config=get_uvicorn_log_config(console_handler.level),
+        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1,
+    ))
+    log.info("control listener (all APIs) on %s:%d; public listener (Fleet API only) on %s:%d",
+             config.host, config.port, *public)
+    server.run(sockets=[bind(config.host, config.port), bind(*public)])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    if flwr.__version__ != PINNED_FLWR:
+        raise SystemExit(f"server.superlink wraps flwr {PINNED_FLWR}; this environment has {flwr.__version__}")
+    parser = argparse.ArgumentParser(prog="python -m server.superlink", add_help=False)
+    parser.add_argument("--public", required=True, help="HOST:PORT of the public (Fleet API only) listener")
+    ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    public = parse_address(ours.public)
+
+    superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module, not the function
+    superlink_cli._run_superlink_http_api = lambda lifespan_config: _serve(lifespan_config, public)
+    sys.argv = ["flower-superlink", *rest]
+    superlink_cli.flower_superlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The attacks of an outsider who holds everything public (ca.crt, the code, the port) against
+a loopback deployment made as docs/deployment.md says, and a foreign app that reaches the
+sites anyway (as through a compromised coordinator). Each attack must fail with the
+expected message, the foreign app must never execute anywhere, and a legitimate run must
+still complete its rounds."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.keys import create_site_keys
+from client.supernode import installed_app_hash
+from medunic_core.cli import subprocess_env
+from server.coordinator import write_connection
+from server.registry import REGISTRY_FILE, SiteRegistry
+from server.superlink import REFUSAL
+
+from .loopback import SITES, free_port, loopback_federation, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+EVIL_CLIENT = '''
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query()
+def steal(msg: Message, context: Context) -> Message:
+    Path(str(context.run_config["marker"])).write_text(repr(dict(context.node_config)))
+    loot = {"node_config": repr(dict(context.node_config))}
+    if context.node_config.get("data-path"):
+        loot["manifest"] = Path(str(context.node_config["data-path"])).read_text()[:500]
+    return Message(RecordDict({"loot": ConfigRecord(loot)}), reply_to=msg)
+'''
+EVIL_SERVER = r'''
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    report = Path(str(context.run_config["marker"]) + "-coordinator")
+    report.write_text("ran at the coordinator\n")
+    msgs = [Message(RecordDict({"c": ConfigRecord({"x": 1})}), message_type="query", dst_node_id=n)
+            for n in grid.get_node_ids()]
+    lines = [f"EVIL REPLY: {reply.error.reason if reply.has_error() else dict(reply.content['loot'])}"
+             for reply in grid.send_and_receive(msgs, timeout=120)]
+    report.write_text("ran at the coordinator\n" + "\n".join(lines) + "\nDONE\n")
+'''
+
+
+def _evil_app(folder: Path) -> Path:
+    """A hand-written Flower app of another publisher: its ClientApp reads the site's node
+    config and manifest and writes a marker file; its ServerApp writes one too."""
+    (folder / "evil").mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "evil.server_app:app"\nclientapp = "evil.client_app:app"\n\n'
+        '[tool.flwr.app.config]\nmarker = ""\n')
+    (folder / "evil" / "__init__.py").write_text("")
+    (folder / "evil" / "client_app.py").write_text(EVIL_CLIENT)
+    (folder / "evil" / "server_app.py").write_text(EVIL_SERVER)
+    return folder
+
+
+def _flwr(home: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
+    """The ``flwr`` CLI as someone whose FLWR_HOME is ``home``: (exit code, output as one line)."""
+    out = subprocess.run([str(Path(sys.executable).with_name("flwr")), *args], env=subprocess_env(FLWR_HOME=str(home)),
+                         capture_output=True, text=True, timeout=timeout)
+    return out.returncode, " ".join(re.sub("[│╭╮╰╯─]", " ", out.stdout + out.stderr).split())
+
+
+@pytest.mark.timeout(1500)
+def test_an_outsider_with_only_the_ca_cannot_run_code_control_the_run_or_join(
+        tmp_path, monkeypatch, synthetic_data, fed_tokenizer, train_overrides):
+    for lb in loopback_federation(tmp_path, monkeypatch, synthetic_data, fed_tokenizer, train_overrides):
+        node_ids = {s.name: s.node_id for s in SiteRegistry.load(lb.state / REGISTRY_FILE).sites.values()}
+        # the outsider: ca.crt, this code, the public port; their own key pair and app
+        outsider = tmp_path / "outsider"
+        write_connection(f"127.0.0.1:{lb.port}", lb.certs / "ca.crt", False, home=outsider, name="evil")
+        create_site_keys(outsider / "keys", "evil")
+        app = _evil_app(outsider / "app")
+        marker = outsider / "PWNED"
+
+        # 1 + 2: run their own code at the sites and at the coordinator
+        rc, out = _flwr(outsider, "run", str(app), "evil", "--stream", "--run-config", f'marker="{marker}"')
+        assert REFUSAL in out, out
+        # 3: register their own SuperNode key, unregister a real site, join with an unregistered key
+        rc, out = _flwr(outsider, "supernode", "register", str(outsider / "keys" / "evil.pub"), "evil", "--name", "x")
+        assert rc != 0 and REFUSAL in out, out
+        rc, out = _flwr(outsider, "supernode", "unregister", str(node_ids["en-1"]), "evil")
+        assert rc != 0 and REFUSAL in out, out
+        with (outsider / "supernode.log").open("w") as log:
+            joined = subprocess.Popen([str(Path(sys.executable).with_name("flower-supernode")), "--superlink",
+                                       f"127.0.0.1:{lb.port}", "--port", str(free_port()), "--root-certificates",
+                                       str(lb.certs / "ca.crt"), "--auth-supernode-private-key",
+                                       str(outsider / "keys" / "evil"), "--max-retries", "1"],
+                                      env=subprocess_env(FLWR_HOME=str(outsider)), stdout=log, stderr=subprocess.STDOUT)
+        lb.started.append(joined)
+        assert joined.wait(timeout=120) != 0
+        assert "[code: 2004] Failed to activate SuperNode" in (outsider / "supernode.log").read_text()
+
+        # 4: list, read the logs of and stop the legitimate run while it runs
+        wait = lb.run_in_background("fed.rounds=2", "fed.local_steps=2")
+        run_id = wait_until(lambda: re.findall(r"Successfully started run (\d+)",
+                                               (tmp_path / "run-1.log").read_text(errors="replace"))
+                            if (tmp_path / "run-1.log").exists() else None, 120, "the legitimate run starting")[0]
+        for command in (["ls", "evil"], ["log", run_id, "evil"], ["stop", run_id, "evil"]):
+            rc, out = _flwr(outsider, *command)
+            assert rc != 0 and REFUSAL in out, (command, out)
+        assert wait(1200) == 0
+        rows = lb.rows()
+        assert [r["round"] for r in rows] == [1, 2]
+        assert all(sorted(r["sites"]) == ["en-1", "es-1"] and r["invalid"] == {} for r in rows)
+        assert all(proc.poll() is None for proc in lb.sites.values())  # no site was shut down
+        assert not marker.exists() and not Path(f"{marker}-coordinator").exists()  # nothing of theirs ran
+
+
+@pytest.mark.timeout(1500)
+def test_a_site_runs_only_the_app_it_allows(tmp_path, monkeypatch, synthetic_data, fed_tokenizer, train_overrides):
+    for lb in loopback_federation(tmp_path, monkeypatch, synthetic_data, fed_tokenizer, train_overrides):
+        # a foreign app reaches the sites through the control listener (as a compromised
+        # coordinator could send it): every site refuses it before installing anything
+        app = _evil_app(tmp_path / "evil-app")
+        marker = tmp_path / "PWNED"
+        rc, started = _flwr(tmp_path / "flwr-home", "run", str(app), "medunic", "--run-config", f'marker="{marker}"')
+        assert rc == 0, started
+        report = Path(f"{marker}-coordinator")  # its ServerApp runs at the coordinator ...
+        out = wait_until(lambda: report.exists() and "DONE" in report.read_text() and report.read_text(), 300,
+                         f"the foreign ServerApp's replies ({started})")
+        refusals = re.findall(r"EVIL REPLY: site refused the app: refused to run app 'outsider/evil' version "
+                              r"1\.0\.0 with FAB sha256 ([0-9a-f]{64})", out)
+        assert len(refusals) == len(SITES), out  # ... and gets an error reply from every site
+        assert "node_config" not in out and not marker.exists()  # no ClientApp of it ever ran
+        for site in SITES:
+            log = lb.site_log(site).read_text(errors="replace")
+            assert f"refused to run app 'outsider/evil' version 1.0.0 with FAB sha256 {refusals[0]}" in log
+            assert f"--allow-app {refusals[0]}" in log and installed_app_hash()[:12] in log
+            assert not list(lb.site_home(site).glob("apps/outsider*"))  # never installed at the site
+            assert lb.sites[site].poll() is None  # the daemon keeps running
+        # the medunic app still runs: a legitimate run completes
+        assert lb.run("fed.rounds=2", "fed.local_steps=2") == 0
+        assert [r["round"] for r in lb.rows()] == [1, 2]
+        assert all(sorted(r["sites"]) == ["en-1", "es-1"] for r in lb.rows())
