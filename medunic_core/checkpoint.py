@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medunic_core.errors import CheckpointMismatchError
+from medunic_core.errors import CheckpointMismatchError, DivergenceError
 
 
 def _diff(model_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -82,4 +82,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointMismatchError(f"checkpoint {path} does not exist")
     # RNG states hold numpy arrays and tuples, so the full unpickler is needed; these files
     # are only ever written by this project (never load checkpoints from untrusted sources).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 -- zip, pickle and EOF errors of a damaged file
+        raise CheckpointMismatchError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}): it is "
+            "truncated or damaged; restore it from a backup, or delete it (train.resume=false) to start over"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f"checkpoint {path} holds a {type(state).__name__}, not a medunic checkpoint")
+    return state
+
+
+def check_finite(state: Mapping[str, Any], what: str) -> None:
+    """Raise DivergenceError if any tensor or array in ``state`` is not finite: non-finite
+    weights are never written (a resume would otherwise replace a good checkpoint)."""
+    bad = [k for k, v in state.items()
+           if (isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+           or (isinstance(v, np.ndarray) and v.dtype.kind == "f" and not bool(np.isfinite(v).all()))]
+    if bad:
+        raise DivergenceError(f"{what}: {len(bad)} weight tensor(s) are not finite ({', '.join(bad[:3])}); "
+                              "nothing was saved")

@@ -26,3 +26,4 @@ MANIFEST_FIELDS: tuple[str, ...] = ("id", "image_path", "report", "lang", "split
 VOCAB_SHA_FILE = "vocab.sha256"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
+DATA_PROBLEMS_FILE = "data_problems.json"  # a training run's unreadable images, by row, id and file

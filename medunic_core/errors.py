@@ -46,3 +46,9 @@ class PrivacyBudgetError(MedunicError):
     """A release that a site's privacy budget or DP requirement does not allow."""
 
     exit_code = 7
+
+
+class DivergenceError(MedunicError):
+    """A loss or weight that is not finite: training stops before anything is saved."""
+
+    exit_code = 8

@@ -10,7 +10,6 @@ CTR's C mix the live batch with the other communities' stored moments.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -26,10 +25,9 @@ from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.data.transforms import TwoViewTransform
 from medunic_core.errors import SiteDataError
+from medunic_core.losses import check_finite_loss
 from medunic_core.models import MedUniC
 from medunic_core.train import build_optimizer, cosine_with_warmup, forward_loss
-
-log = logging.getLogger(__name__)
 
 EPOCHS_PER_ROUND = 10_000  # epoch ids of round r start at r * this: distinct shuffles per round
 
@@ -85,9 +83,7 @@ def train_site(
 ) -> LocalResult:
     """Train ``model`` in place for one round on one community's pairs."""
     fed, tr = cfg.fed, cfg.train
-    records, problems = prepare_images(records, cache, progress=False)
-    if problems:
-        log.warning("%d unreadable images left out", len(problems))
+    records, _ = prepare_images(records, cache, cfg.data.max_bad_fraction, progress=False)
     langs = {r.lang for r in records}
     if len(langs) != 1:
         raise SiteDataError(f"a site trains on one language community, got {sorted(langs)}")
@@ -117,6 +113,7 @@ def train_site(
             sampler.set_epoch(epoch)
             for batch in loader:
                 parts = forward_loss(model, batch, cfg, device, aligner=aligner)
+                check_finite_loss(parts, f"round {server_round}, local step {step + 1}")
                 loss = parts["loss"]
                 if anchor is not None:
                     prox = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)

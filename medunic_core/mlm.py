@@ -26,13 +26,15 @@ from tqdm.auto import tqdm
 from torch import nn
 from transformers import AutoModel, AutoModelForMaskedLM, BertForMaskedLM, BertModel
 
+from medunic_core.checkpoint import check_finite
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import METRICS_FILE
 from medunic_core.data.manifest import read_manifest
 from medunic_core.models.encoders import bert_config, load_pretrained_text
-from medunic_core.privacy import PrivateTraining, make_private
 from medunic_core.errors import SiteDataError
+from medunic_core.losses import check_finite_loss
+from medunic_core.privacy import PrivateTraining, make_private
 from medunic_core.train import build_optimizer, cosine_with_warmup, prepare_tokenizer, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,7 @@ def train_mlm_site(
     for step in range(fed.local_steps):
         batch = next(batches)
         loss, ids = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device)
+        check_finite_loss({"loss": loss}, f"MLM round {server_round}, local step {step + 1}")
         loss.backward()
         rows[ids.unique().numpy()] = True
         for group in optimizer.param_groups:
@@ -232,6 +235,7 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
         loss, _ = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device,
                                  per_report=private is not None)
         loss = weight * loss
+        check_finite_loss({"loss": loss}, f"MLM step {step}")
         loss.backward()
         if weight:
             loss_value = float(loss.detach())
@@ -249,6 +253,7 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
     metrics.close()
     encoder_dir = out_dir / "text_encoder"
     trained = private.model._module if private is not None else model  # Opacus wraps the model
+    check_finite(trained.state_dict(), f"MLM text encoder for {encoder_dir}")
     trained.base_model.save_pretrained(encoder_dir)  # the encoder without the MLM head
     privacy = None
     if private is not None:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from medunic_core.align import Aligner
 from medunic_core.checkpoint import (
     atomic_save,
+    check_finite,
     load_checkpoint,
     load_state_dict_strict,
     rng_state,
@@ -35,13 +36,13 @@ from medunic_core.checkpoint import (
 )
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config, save_config, to_dict
-from medunic_core.constants import CHECKPOINT_FILE, METRICS_FILE
+from medunic_core.constants import CHECKPOINT_FILE, DATA_PROBLEMS_FILE, METRICS_FILE
 from medunic_core.data.dataset import EpochSampler, PairDataset, TextCollator, prepare_images
 from medunic_core.data.manifest import read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.data.transforms import TwoViewTransform
 from medunic_core.errors import ConfigError
-from medunic_core.losses import medunic_loss
+from medunic_core.losses import check_finite_loss, medunic_loss
 from medunic_core.models import MedUniC, create_model, trainable_parameters
 from medunic_core.vocab import build_tokenizer, load_tokenizer
 
@@ -59,8 +60,13 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device``: auto picks CUDA when there is one; asking for a missing one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}, but torch sees no CUDA device here; use auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps, but this machine has no MPS device; use auto or cpu")
     return torch.device(name)
 
 
@@ -180,7 +186,8 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     if not world.is_main:
         tokenizer = prepare_tokenizer(cfg, reports, out_dir)
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
-    records, problems = prepare_images(records, cache, progress=progress and world.is_main)
+    records, _ = prepare_images(records, cache, cfg.data.max_bad_fraction, progress=progress and world.is_main,
+                                problems_file=out_dir / DATA_PROBLEMS_FILE if world.is_main else None)
 
     img = cfg.model.image
     dataset = PairDataset(records, cache, TwoViewTransform(img.size, img.mean, img.std), cfg.train.seed)
@@ -231,7 +238,6 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
 
     if world.is_main:
         save_config(cfg, out_dir / "config.yaml")
-        (out_dir / "data_problems.json").write_text(json.dumps([str(p) for p in problems], indent=1))
     wandb_run = start_wandb(cfg, out_dir) if world.is_main and cfg.logging.wandb else None
     metrics_file = (out_dir / METRICS_FILE).open("a" if resuming else "w") if world.is_main else None
     history: list[dict[str, Any]] = []
@@ -244,6 +250,8 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
         sampler.set_epoch(epoch, start=batch_in_epoch * cfg.train.batch_size)
         for batch in loader:
             parts = forward_loss(net, batch, cfg, device, autocast)
+            if not use_amp:  # under AMP the grad scaler skips steps with inf/NaN gradients itself
+                check_finite_loss(parts, f"{out_dir}: step {step + 1}")
             scaler.scale(parts["loss"] / cfg.train.accum_steps).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.train.accum_steps
@@ -298,6 +306,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
 
 
 def _save(path: Path, model: MedUniC, optimizer, scheduler, scaler, step: int, epoch: int, batch_in_epoch: int) -> None:
+    check_finite(model.state_dict(), f"{path} at step {step}")
     atomic_save(
         {
             "model": model.state_dict(),

@@ -109,6 +109,14 @@ def _log_tail(log: Path, since: int = 0, lines: int = 15) -> str:
     return "\n".join(f"  {line}" for line in text[-lines:])
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_healthy(proc: subprocess.Popen, port: int, ca: Optional[Path], log: Path, timeout: float = HEALTH_WAIT,
                  since: int = 0) -> None:
     """Return once ``https://127.0.0.1:port/health`` answers (TLS verified with ``ca``); raise
@@ -128,7 +136,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, ca: Optional[Path], log: Pat
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, ssl.SSLCertVerificationError):
-                proc.terminate()
+                _stop(proc)
                 raise MedunicError(
                     f"the SuperLink's certificate does not verify for 127.0.0.1 with {ca}: {reason.verify_message}. "
                     "The coordinator's own tools and the SuperExec dial 127.0.0.1: re-create the server "
@@ -138,7 +146,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, ca: Optional[Path], log: Pat
         except OSError as exc:
             last = str(exc)
         time.sleep(0.5)
-    proc.terminate()
+    _stop(proc)
     raise MedunicError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f} s ({last}); its log "
                        f"({log}) ends with:\n{_log_tail(log, since)}")
 

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from client.site import build_model, run_medunic_config
 from medunic_core import __version__
 from medunic_core.align import AlignmentState, alignment_layout
-from medunic_core.checkpoint import atomic_save, load_checkpoint
+from medunic_core.checkpoint import atomic_save, check_finite, load_checkpoint
 from medunic_core.config import save_config, to_dict
 from medunic_core.data.dataset import prepare_images
 from medunic_core.data.manifest import Record, read_manifest
@@ -211,6 +211,7 @@ class FederatedRun:
 
     # -- checkpoint, export -----------------------------------------------------------
     def _save(self, path: Path, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+        check_finite(arrays, f"{path} after round {rnd}")  # validated replies average to finite weights
         atomic_save(
             {
                 "round": rnd,

@@ -6,9 +6,11 @@ worker's RNG, so that a resumed run sees exactly the views it would have seen.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -32,11 +34,13 @@ def prepare_images(
     cache: ImageCache,
     max_bad_fraction: float = 0.0,
     progress: bool = True,
+    problems_file: Optional[Path] = None,
 ) -> tuple[list[Record], list[RowProblem]]:
     """Decode and cache every image once, so bad files are found before training starts.
 
-    Unreadable images are listed by file name and left out; more than
-    ``max_bad_fraction`` of them stops the run instead of training on what is left.
+    Unreadable images are listed by row, id and file (also in ``problems_file``, as JSON,
+    when given) and left out; more than ``max_bad_fraction`` of them stops the run instead
+    of training on what is left.
     """
     good: list[Record] = []
     problems: list[RowProblem] = []
@@ -47,12 +51,19 @@ def prepare_images(
             problems.append(RowProblem(row, rec.id, str(exc)))
             continue
         good.append(rec)
+    if problems_file is not None:
+        problems_file.parent.mkdir(parents=True, exist_ok=True)
+        problems_file.write_text(json.dumps([str(p) for p in problems], indent=1))
     if problems:
         for p in problems[:20]:
             log.warning("skipping %s", p)
         if len(problems) / max(len(records), 1) > max_bad_fraction:
             shown = "\n  ".join(str(p) for p in problems[:20])
-            raise SiteDataError(f"{len(problems)} of {len(records)} images are unreadable:\n  {shown}")
+            where = f" (all listed in {problems_file})" if problems_file is not None else ""
+            raise SiteDataError(f"{len(problems)} of {len(records)} images are unreadable, more than "
+                                f"data.max_bad_fraction={max_bad_fraction:g}{where}:\n  {shown}")
+        log.warning("%d of %d images are unreadable and left out%s", len(problems), len(records),
+                    f" (listed in {problems_file})" if problems_file is not None else "")
     return good, problems
 
 

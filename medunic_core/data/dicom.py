@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
+from medunic_core.data.limits import check_pixel_count
 from medunic_core.errors import SiteDataError
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -153,6 +154,8 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             "convert it to MONOCHROME2 or drop it from the manifest"
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
+    check_pixel_count(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
+    _hoist_frame_functional_groups(ds, index=0)
     try:
         if frames > 1:  # decode only the first frame of a multi-frame file
             ds.pixel_array_options(index=0)
@@ -205,6 +208,24 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         "study_id": str(ds.get("StudyID", "")),
     }
     return np.ascontiguousarray(out), meta
+
+
+def _hoist_frame_functional_groups(ds: Dataset, index: int) -> None:
+    """Enhanced (multi-frame) DICOM keeps rescale and window in functional groups, not at the
+    top level where pydicom's LUT functions look: copy the shared values, then the frame's
+    own (Pixel Value Transformation and Frame VOI LUT macros), to the top level."""
+    macros = (("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+              ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")))
+    for groups_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = ds.get(groups_name) or []
+        position = 0 if groups_name.startswith("Shared") else index
+        if len(groups) <= position:
+            continue
+        for macro, keywords in macros:
+            items = groups[position].get(macro) or []
+            for keyword in keywords:
+                if items and keyword in items[0]:
+                    setattr(ds, keyword, items[0][keyword].value)
 
 
 def _ds_value(value: float) -> str:

@@ -9,6 +9,7 @@ manifest's folder (or absolute); ``labels`` maps a finding name to 1 (present) o
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,22 +67,41 @@ def _parse_labels(value: object) -> dict[str, int]:
 
 
 def _rows(path: Path) -> Iterable[dict]:
+    """The table's rows as dicts; a JSONL line that cannot be used becomes ``{"__error__": why}``."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
+        with path.open("rb") as fh:
+            for i, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield {"__error__": f"line {i} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                        f"{exc.start + 1}); re-save the manifest as UTF-8"}
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield {"__error__": f"line {i} is not valid JSON: {exc.msg}"}
+                    continue
+                if not isinstance(row, dict):
+                    yield {"__error__": f"line {i} is a JSON {type(row).__name__}, not an object of fields "
+                                        f"{list(MANIFEST_FIELDS)}"}
+                    continue
+                yield row
     elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
-            if missing:
-                raise SiteDataError(f"{path}: missing columns {missing}; need {list(MANIFEST_FIELDS)}")
-            yield from reader
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise SiteDataError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); re-save the "
+                                "table as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
+        if missing:
+            raise SiteDataError(f"{path}: missing columns {missing}; need {list(MANIFEST_FIELDS)}")
+        yield from reader
     else:
         raise SiteDataError(f"{path}: a manifest must be .jsonl or .csv")
 
@@ -161,6 +181,9 @@ def read_manifest(
     if total == 0:
         raise SiteDataError(f"manifest {path} has no rows")
     if problems and len(problems) / total > max_bad_fraction:
+        if len(problems) <= 3:  # one line names them all
+            raise SiteDataError(f"manifest {path}: {len(problems)} of {total} rows are bad: "
+                                + "; ".join(str(p) for p in problems))
         shown = "\n  ".join(str(p) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise SiteDataError(

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medunic_core.data.dicom import read_dicom
+from medunic_core.data.limits import MIN_IMAGE_SIDE, check_pixel_count
 from medunic_core.errors import SiteDataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -94,6 +95,7 @@ class PilReader:
         """Decode to float32 grey, keeping the full 16-bit range when the file has one."""
         try:
             with Image.open(path) as img:
+                check_pixel_count(path, *img.size)
                 img.load()
                 fmt = (img.format or "").lower()
                 mode = img.mode
@@ -103,7 +105,7 @@ class PilReader:
                     arr = np.asarray(img)
                 else:
                     arr = np.asarray(img.convert("L"))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise SiteDataError(
                 f"{path}: cannot be decoded as PNG/JPG ({type(exc).__name__}: {exc}); "
                 "re-export the image or drop it from the manifest"
@@ -138,14 +140,21 @@ def read_image(
     """Decode any supported radiograph to a float32 2-D array (bright = dense) plus metadata.
 
     The first reader whose ``verify`` accepts the file decodes it; DICOM goes first so a
-    DICOM named ``.png`` is still read as DICOM.
+    DICOM named ``.png`` is still read as DICOM. An image smaller than MIN_IMAGE_SIDE on a
+    side, or claiming more than MAX_IMAGE_PIXELS, is refused naming the file.
     """
     path = require_file(path)
     reasons = []
     for reader in readers:
         reason = reader.verify(path)
         if reason is None:
-            return reader.read(path)
+            pixels, meta = reader.read(path)
+            if min(pixels.shape) < MIN_IMAGE_SIDE:
+                raise SiteDataError(
+                    f"{path}: the image is {pixels.shape[1]} x {pixels.shape[0]} pixels, smaller than "
+                    f"{MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}: not a usable radiograph; re-export it or drop it"
+                )
+            return pixels, meta
         reasons.append(f"{reader.name}: {reason}")
     raise SiteDataError(
         f"{path}: no image reader accepts this file ({'; '.join(reasons)}); "

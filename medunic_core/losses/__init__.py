@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from medunic_core.config import LossConfig
+from medunic_core.errors import DivergenceError
 from medunic_core.losses.contrastive import infonce
 from medunic_core.losses.ctr import tf_loss, tf_loss_from_c, tt_loss
 
-__all__ = ["infonce", "tf_loss", "tf_loss_from_c", "tt_loss", "medunic_loss"]
+__all__ = ["infonce", "tf_loss", "tf_loss_from_c", "tt_loss", "medunic_loss", "check_finite_loss"]
 
 
 def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
@@ -36,3 +37,13 @@ def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, tor
         total = total + cfg.ctr_weight * ctr
     parts["loss"] = total
     return parts
+
+
+def check_finite_loss(parts: dict[str, torch.Tensor], where: str) -> None:
+    """Stop training at the first non-finite loss, before it reaches the weights or a
+    checkpoint: raises DivergenceError naming ``where`` and every part's value."""
+    if bool(torch.isfinite(parts["loss"].detach()).all()):
+        return
+    values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items())
+    raise DivergenceError(f"{where}: the loss is not finite ({values}); training stopped and nothing was saved "
+                          "after the last checkpoint. Lower the learning rate or check the loss settings")

@@ -14,7 +14,7 @@ from medunic_core.errors import SiteDataError
 
 
 def _gradient(high: int, dtype: type) -> np.ndarray:
-    return np.linspace(0, high, 20 * 30).reshape(20, 30).astype(dtype)
+    return np.linspace(0, high, 40 * 50).reshape(40, 50).astype(dtype)
 
 
 def test_read_image_png_8bit(tmp_path: Path) -> None:
@@ -37,12 +37,12 @@ def test_read_image_rgb_jpg_is_converted_to_grey(tmp_path: Path) -> None:
     grey = _gradient(255, np.uint8)
     Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "c.jpg", quality=95)
     out, meta = read_image(tmp_path / "c.jpg")
-    assert out.shape == (20, 30) and meta["format"] == "jpeg"
+    assert out.shape == (40, 50) and meta["format"] == "jpeg"
     assert np.abs(out - grey).max() < 8  # JPEG is lossy
 
 
 def test_read_image_extensionless_dicom_by_preamble(tmp_path: Path) -> None:
-    arr = np.arange(12, dtype=np.uint16).reshape(3, 4) * 100
+    arr = np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 10
     path = write_dicom(arr, tmp_path / "IM0001")
     assert path.suffix == ""
     out, meta = read_image(path)
