@@ -19,7 +19,7 @@ import torch
 from medunic_core.config import load_config
 from medunic_core.losses import infonce, medunic_loss
 from medunic_core.models import create_model
-from medunic_core.train import build_optimizer
+from medunic_core.optim import build_optimizer
 
 VOCAB = 2000
 

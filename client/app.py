@@ -138,9 +138,10 @@ def train_mlm(msg: Message, context: Context) -> Message:
                           "DP at the site) or run `medunic mlm` with dp.sgd at one site")
     privacy = _privacy(s)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
-    result = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device)
-    metrics = {P.NUM_EXAMPLES: result.num_examples, "train_mlm_loss": result.loss, "train_lr": result.lr}
-    return _update_reply(msg, context, s, metrics, result.token_rows, {}, privacy)
+    result, token_rows = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device)
+    metrics = {P.NUM_EXAMPLES: result.num_examples, "train_mlm_loss": result.metrics["loss"],
+               "train_lr": result.metrics["lr"]}
+    return _update_reply(msg, context, s, metrics, token_rows, {}, privacy)
 
 
 @app.query(P.STATS)

@@ -25,7 +25,7 @@ from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
 from medunic_core.mlm import mlm_model
 from medunic_core.models import MedUniC, create_model
-from medunic_core.train import seed_everything
+from medunic_core.optim import seed_everything
 from medunic_core.vocab import load_tokenizer
 
 

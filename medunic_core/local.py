@@ -10,37 +10,36 @@ CTR's C mix the live batch with the other communities' stored moments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from medunic_core.align import Aligner, AlignmentState
 from medunic_core.config import MedUniCConfig
-from medunic_core.data.dataset import EpochSampler, PairDataset, TextCollator, prepare_images
+from medunic_core.data.dataset import EpochSampler, EpochStream, PairDataset, TextCollator, prepare_images
 from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.data.transforms import TwoViewTransform
 from medunic_core.errors import SiteDataError
-from medunic_core.losses import check_finite_loss
 from medunic_core.models import MedUniC
-from medunic_core.train import build_optimizer, cosine_with_warmup, forward_loss
+from medunic_core.loop import train_local
+from medunic_core.optim import round_seed
+from medunic_core.train import forward_loss, vlp_stepper
 
 EPOCHS_PER_ROUND = 10_000  # epoch ids of round r start at r * this: distinct shuffles per round
 
 
 @dataclass
-class LocalResult:
-    """What one round of local training produced."""
+class SiteRound:
+    """What one round of local training produced and may leave the site (with the weights)."""
 
     num_examples: int
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # mean of each loss part over the round, and the last step's lr
     alignment: AlignmentState
     token_rows: np.ndarray  # bool, one per vocabulary row: used by this round's batches
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def site_records(cfg: MedUniCConfig, site: str, lang: str, split: str, manifest: Optional[str] = None) -> list[Record]:
@@ -80,8 +79,10 @@ def train_site(
     others: Optional[AlignmentState] = None,
     device: torch.device = torch.device("cpu"),
     progress: bool = False,
-) -> LocalResult:
-    """Train ``model`` in place for one round on one community's pairs."""
+) -> SiteRound:
+    """Train ``model`` in place for one round on one community's pairs (medunic_core.loop):
+    ``fed.local_steps`` steps at their place on the centralized schedule of ``fed.rounds x
+    fed.local_steps`` steps; with FedProx, the proximal term joins the loss."""
     fed, tr = cfg.fed, cfg.train
     records, _ = prepare_images(records, cache, cfg.data.max_bad_fraction, progress=False)
     langs = {r.lang for r in records}
@@ -89,58 +90,34 @@ def train_site(
         raise SiteDataError(f"a site trains on one language community, got {sorted(langs)}")
     if len(records) < tr.batch_size:
         raise SiteDataError(f"{len(records)} training pairs are fewer than one batch of {tr.batch_size}")
-    sampler, loader = _site_loader(records, cache, tokenizer, cfg, tr.seed + 7919 * server_round)
+    sampler, loader = _site_loader(records, cache, tokenizer, cfg, round_seed(tr.seed, server_round))
+    stream = EpochStream(sampler, loader, tr.batch_size, len(loader) // tr.accum_steps * tr.accum_steps,
+                         epoch=server_round * EPOCHS_PER_ROUND)
 
     model.to(device).train()
     mode = "mixed" if cfg.align.train_norm == "mixed" and others is not None and others.communities else "local"
     aligner = Aligner(model, mode=mode, others=others, include_image=cfg.align.image)
-    optimizer = build_optimizer(model, tr.lr, tr.weight_decay)
-    total = fed.rounds * fed.local_steps
-    factor = cosine_with_warmup(tr.warmup_steps, total, tr.min_lr_ratio)
     first = (server_round - 1) * fed.local_steps
+    stepper = vlp_stepper(model, cfg, fed.rounds * fed.local_steps, device, first_step=first)
     anchor = (
         {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if fed.strategy == "fedprox" and fed.proximal_mu > 0
         else None
     )
     token_rows = np.zeros(model.text_encoder.bert.config.vocab_size, dtype=bool)
-    sums: dict[str, float] = {}
-    history: list[dict[str, float]] = []
-    seen, step, micro, epoch = 0, 0, 0, server_round * EPOCHS_PER_ROUND
-    bar = tqdm(total=fed.local_steps, desc=f"round {server_round}", disable=not progress)
+
+    def loss_fn(batch: dict) -> tuple[dict[str, torch.Tensor], int]:
+        parts = forward_loss(model, batch, cfg, device, aligner=aligner)
+        if anchor is not None:
+            parts["prox_loss"] = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
+            parts["loss"] = parts["loss"] + fed.proximal_mu / 2 * parts["prox_loss"]
+        token_rows[batch["input_ids"][batch["attention_mask"].bool()].unique().numpy()] = True
+        return parts, len(batch["report"])
+
     with aligner.attached():
-        while step < fed.local_steps:
-            sampler.set_epoch(epoch)
-            for batch in loader:
-                parts = forward_loss(model, batch, cfg, device, aligner=aligner)
-                check_finite_loss(parts, f"round {server_round}, local step {step + 1}")
-                loss = parts["loss"]
-                if anchor is not None:
-                    prox = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
-                    loss = loss + fed.proximal_mu / 2 * prox
-                (loss / tr.accum_steps).backward()
-                token_rows[batch["input_ids"][batch["attention_mask"].bool()].unique().numpy()] = True
-                seen += len(batch["report"])
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                micro += 1
-                if micro % tr.accum_steps:
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = tr.lr * factor(first + step)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                history.append({"step": first + step, "loss": float(parts["loss"].detach())})
-                if step >= fed.local_steps:
-                    break
-            epoch += 1
-    bar.close()
-    metrics: dict[str, Any] = {k: v / max(micro, 1) for k, v in sums.items()}
-    metrics["lr"] = tr.lr * factor(first + step - 1)
-    return LocalResult(seen, metrics, aligner.collected, token_rows, history)
+        result = train_local(stream, loss_fn, stepper, fed.local_steps, first_step=first,
+                             where=f"round {server_round}", progress=progress)
+    return SiteRound(result.num_examples, result.metrics, aligner.collected, token_rows)
 
 
 @torch.no_grad()

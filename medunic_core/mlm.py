@@ -22,7 +22,6 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 from torch import nn
 from transformers import AutoModel, AutoModelForMaskedLM, BertForMaskedLM, BertModel
 
@@ -33,9 +32,10 @@ from medunic_core.constants import METRICS_FILE
 from medunic_core.data.manifest import read_manifest
 from medunic_core.models.encoders import bert_config, load_pretrained_text
 from medunic_core.errors import SiteDataError
-from medunic_core.losses import check_finite_loss
 from medunic_core.privacy import PrivateTraining, make_private
-from medunic_core.train import build_optimizer, cosine_with_warmup, prepare_tokenizer, resolve_device, seed_everything
+from medunic_core.loop import LocalResult, StepRecord, train_local
+from medunic_core.optim import Stepper, build_optimizer, cosine_with_warmup, round_seed, seed_everything
+from medunic_core.train import prepare_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -149,46 +149,40 @@ def mlm_batch_loss(
     return loss, tok["input_ids"][tok["attention_mask"].bool()]
 
 
-@dataclass
-class SiteMlmResult:
-    num_examples: int
-    loss: float
-    lr: float
-    token_rows: np.ndarray  # bool, one per vocabulary row: read by this round's batches
+def mlm_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: MedUniCConfig, total_steps: int,
+                first_step: int = 0, clip: bool = True) -> Stepper:
+    """The MLM optimizer step: warm-up + cosine to 0 over ``total_steps``, clipping unless
+    DP-SGD clips per report itself."""
+    return Stepper(model, optimizer, cosine_with_warmup(cfg.mlm.warmup_steps, total_steps, 0.0),
+                   cfg.train.grad_clip if clip else None, first_step=first_step)
 
 
 def train_mlm_site(
     model: nn.Module, reports: list[str], tokenizer, cfg: MedUniCConfig, server_round: int,
     device: torch.device = torch.device("cpu"),
-) -> SiteMlmResult:
-    """One federated round of MLM at a site: ``fed.local_steps`` steps on its own reports,
-    with the learning rate the centralized schedule (``mlm.*`` over ``fed.rounds x
-    fed.local_steps`` steps) has at those steps."""
+) -> tuple[LocalResult, np.ndarray]:
+    """One federated round of MLM at a site (medunic_core.loop): ``fed.local_steps`` steps on
+    its own reports, with the learning rate the centralized schedule (``mlm.*`` over
+    ``fed.rounds x fed.local_steps`` steps) has at those steps; and the token rows it read."""
     if not reports:
         raise SiteDataError("no reports to post-train the text encoder on")
     fed = cfg.fed
-    generator = torch.Generator().manual_seed(cfg.train.seed + 7919 * server_round)
+    generator = torch.Generator().manual_seed(round_seed(cfg.train.seed, server_round))
     batches = _shuffled_batches(len(reports), min(cfg.mlm.batch_size, len(reports)), generator)
     model.to(device).train()
-    optimizer = build_optimizer(model, cfg.mlm.lr, cfg.mlm.weight_decay)
-    factor = cosine_with_warmup(cfg.mlm.warmup_steps, fed.rounds * fed.local_steps, 0.0)
     first = (server_round - 1) * fed.local_steps
+    stepper = mlm_stepper(model, build_optimizer(model, cfg.mlm.lr, cfg.mlm.weight_decay), cfg,
+                          fed.rounds * fed.local_steps, first)
     rows = np.zeros(len(tokenizer), dtype=bool)
-    losses, seen = [], 0
-    for step in range(fed.local_steps):
-        batch = next(batches)
+
+    def loss_fn(batch: list[int]) -> tuple[dict[str, torch.Tensor], int]:
         loss, ids = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device)
-        check_finite_loss({"loss": loss}, f"MLM round {server_round}, local step {step + 1}")
-        loss.backward()
         rows[ids.unique().numpy()] = True
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.mlm.lr * factor(first + step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        seen += len(batch)
-    return SiteMlmResult(seen, float(np.mean(losses)), cfg.mlm.lr * factor(first + fed.local_steps - 1), rows)
+        return {"loss": loss}, len(batch)
+
+    result = train_local(batches, loss_fn, stepper, fed.local_steps, first_step=first,
+                         where=f"MLM round {server_round}")
+    return result, rows
 
 
 @dataclass
@@ -223,34 +217,32 @@ def train_mlm(cfg: MedUniCConfig, progress: bool = True) -> MlmResult:
                  private.sample_rate, private.delta)
     else:
         batches = _shuffled_batches(len(reports), cfg.mlm.batch_size, generator)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.mlm.warmup_steps, cfg.mlm.steps, 0.0)
-    )
+    stepper = mlm_stepper(model, optimizer, cfg, cfg.mlm.steps, clip=private is None)
     metrics = (out_dir / METRICS_FILE).open("w")
-    loss_value = float("nan")
-    for step in tqdm(range(1, cfg.mlm.steps + 1), desc="MLM", disable=not progress):
-        batch = next(batches)
+
+    def loss_fn(batch: list[int]) -> tuple[dict[str, torch.Tensor], int]:
         # an empty Poisson batch still takes a (noise-only) DP step: one report with weight 0
         weight, batch = (1.0, batch) if batch else (0.0, [0])
         loss, _ = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device,
                                  per_report=private is not None)
-        loss = weight * loss
-        check_finite_loss({"loss": loss}, f"MLM step {step}")
-        loss.backward()
-        if weight:
-            loss_value = float(loss.detach())
-        if private is None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if step % cfg.mlm.log_every == 0 or step == cfg.mlm.steps:
-            row = {"step": step, "mlm_loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+        return {"loss": weight * loss}, len(batch) if weight else 0
+
+    last = {"loss": float("nan")}  # of the last non-empty batch
+
+    def on_step(record: StepRecord) -> bool:
+        if record.examples:
+            last["loss"] = record.parts["loss"]
+        if record.step % cfg.mlm.log_every == 0 or record.step == cfg.mlm.steps:
+            row = {"step": record.step, "mlm_loss": last["loss"], "lr": record.lr}
             if private is not None:
                 row["dp_epsilon"] = private.epsilon()
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+        return False
+
+    train_local(batches, loss_fn, stepper, cfg.mlm.steps, on_step=on_step, where="MLM", progress=progress)
     metrics.close()
+    loss_value = last["loss"]
     encoder_dir = out_dir / "text_encoder"
     trained = private.model._module if private is not None else model  # Opacus wraps the model
     check_finite(trained.state_dict(), f"MLM text encoder for {encoder_dir}")

@@ -10,20 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from medunic_core.align import Aligner
 from medunic_core.checkpoint import (
@@ -37,13 +33,15 @@ from medunic_core.checkpoint import (
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config, save_config, to_dict
 from medunic_core.constants import CHECKPOINT_FILE, DATA_PROBLEMS_FILE, METRICS_FILE
-from medunic_core.data.dataset import EpochSampler, PairDataset, TextCollator, prepare_images
+from medunic_core.data.dataset import EpochSampler, EpochStream, PairDataset, TextCollator, prepare_images
 from medunic_core.data.manifest import read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.data.transforms import TwoViewTransform
 from medunic_core.errors import ConfigError
-from medunic_core.losses import check_finite_loss, medunic_loss
-from medunic_core.models import MedUniC, create_model, trainable_parameters
+from medunic_core.loop import StepRecord, train_local
+from medunic_core.losses import medunic_loss
+from medunic_core.models import MedUniC, create_model
+from medunic_core.optim import Stepper, build_optimizer, cosine_with_warmup, seed_everything
 from medunic_core.vocab import build_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,33 +66,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("train.device=mps, but this machine has no MPS device; use auto or cpu")
     return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
-    """lr multiplier: linear warm-up to 1, then cosine down to ``min_ratio`` at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(warmup, 1)
-        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm scales get no weight decay."""
-    decay, no_decay = [], []
-    for _, p in trainable_parameters(model):
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
 
 
 def prepare_tokenizer(cfg: MedUniCConfig, reports: list[tuple[str, str]], out_dir: Path):
@@ -202,8 +173,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
         generator=torch.Generator().manual_seed(cfg.train.seed),  # never touch the global RNG
         persistent_workers=False,
     )
-    batches_per_epoch = len(sampler) // cfg.train.batch_size
-    steps_per_epoch = batches_per_epoch // cfg.train.accum_steps
+    steps_per_epoch = len(sampler) // cfg.train.batch_size // cfg.train.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(
             f"{len(records)} training pairs give no optimizer step with batch_size="
@@ -212,24 +182,18 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
 
     model = create_model(cfg.model, len(tokenizer), tokenizer.pad_token_id).to(device).train()
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
-    )
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    step, epoch, batch_in_epoch = 0, 0, 0
+    stepper = vlp_stepper(model, cfg, total_steps, device)
+    stream = EpochStream(sampler, loader, cfg.train.batch_size, steps_per_epoch * cfg.train.accum_steps)
+    step = 0
     ckpt_path = out_dir / CHECKPOINT_FILE
     resuming = cfg.train.resume and ckpt_path.is_file()
     if resuming:
         state = load_checkpoint(ckpt_path)
         load_state_dict_strict(model, state["model"], source=str(ckpt_path))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        stepper.load_state_dict(state)
         set_rng_state(state["rng"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, epoch, batch_in_epoch)
+        step, stream.epoch, stream.batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, step, stream.epoch, stream.batch)
     net = (
         torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if world.enabled
@@ -241,78 +205,60 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     wandb_run = start_wandb(cfg, out_dir) if world.is_main and cfg.logging.wandb else None
     metrics_file = (out_dir / METRICS_FILE).open("a" if resuming else "w") if world.is_main else None
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=total_steps, initial=step, desc="training", disable=not (progress and world.is_main))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
-    sums: dict[str, float] = {}
-    t0, pairs = time.perf_counter(), 0
-    batches_used = steps_per_epoch * cfg.train.accum_steps  # whole accumulation groups only
-    while step < total_steps:
-        sampler.set_epoch(epoch, start=batch_in_epoch * cfg.train.batch_size)
-        for batch in loader:
-            parts = forward_loss(net, batch, cfg, device, autocast)
-            if not use_amp:  # under AMP the grad scaler skips steps with inf/NaN gradients itself
-                check_finite_loss(parts, f"{out_dir}: step {step + 1}")
-            scaler.scale(parts["loss"] / cfg.train.accum_steps).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.train.accum_steps
-            batch_in_epoch += 1
-            pairs += len(batch["report"]) * world.world_size
-            if batch_in_epoch % cfg.train.accum_steps:
-                continue
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t0
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "pairs_per_s": pairs / elapsed if elapsed > 0 else 0.0,
-                    **sums,
-                }
-                history.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                if wandb_run:
-                    wandb_run.log(row, step=step)
-                t0, pairs = time.perf_counter(), 0
-            sums = {}
-            epoch_done = batch_in_epoch >= batches_used
-            if epoch_done:
-                epoch, batch_in_epoch = epoch + 1, 0
-            stopping = stop_at_step is not None and step >= stop_at_step
-            if world.is_main and (step % cfg.train.ckpt_every == 0 or step == total_steps or epoch_done or stopping):
-                _save(ckpt_path, model, optimizer, scheduler, scaler, step, epoch, batch_in_epoch)
-            if stopping:
-                total_steps = step
-            if epoch_done or step >= total_steps:
-                break
-    bar.close()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if stepper.scaler.is_enabled() else nullcontext
+    clock = {"t0": time.perf_counter(), "pairs": 0}
+
+    def loss_fn(batch: dict) -> tuple[dict[str, torch.Tensor], int]:
+        return forward_loss(net, batch, cfg, device, autocast), len(batch["report"])
+
+    def on_step(record: StepRecord) -> bool:
+        """Log every ``log_every`` steps; checkpoint every ``ckpt_every``, at an epoch's end,
+        at the end and at ``stop_at_step``."""
+        clock["pairs"] += record.examples * world.world_size
+        if record.step % cfg.train.log_every == 0 or record.step == total_steps:
+            elapsed = time.perf_counter() - clock["t0"]
+            row = {"step": record.step, "epoch": stream.epoch - stream.epoch_ended, "lr": record.lr,
+                   "grad_norm": record.grad_norm, "pairs_per_s": clock["pairs"] / elapsed if elapsed > 0 else 0.0,
+                   **record.parts}
+            history.append(row)
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if wandb_run:
+                wandb_run.log(row, step=record.step)
+            clock["t0"], clock["pairs"] = time.perf_counter(), 0
+        stopping = stop_at_step is not None and record.step >= stop_at_step
+        if world.is_main and (record.step % cfg.train.ckpt_every == 0 or record.step == total_steps
+                              or stream.epoch_ended or stopping):
+            _save(ckpt_path, model, stepper, record.step, stream.epoch, stream.batch)
+        return stopping
+
+    result = train_local(stream, loss_fn, stepper, total_steps - step, first_step=step, on_step=on_step,
+                         where=str(out_dir), progress=progress and world.is_main)
     if metrics_file:
         metrics_file.close()
     if wandb_run:
         wandb_run.finish()
     world.close()
-    return TrainResult(out_dir, step, ckpt_path, history)
+    return TrainResult(out_dir, step + result.steps, ckpt_path, history)
 
 
-def _save(path: Path, model: MedUniC, optimizer, scheduler, scaler, step: int, epoch: int, batch_in_epoch: int) -> None:
+def vlp_stepper(model: torch.nn.Module, cfg: MedUniCConfig, total_steps: int, device: torch.device,
+                first_step: int = 0) -> Stepper:
+    """The VLP optimizer: AdamW, warm-up + cosine over ``total_steps``, accumulation,
+    clipping and, on CUDA with ``train.amp``, fp16 grad scaling."""
+    tr = cfg.train
+    return Stepper(model, build_optimizer(model, tr.lr, tr.weight_decay),
+                   cosine_with_warmup(tr.warmup_steps, total_steps, tr.min_lr_ratio), tr.grad_clip, tr.accum_steps,
+                   first_step, amp=tr.amp and device.type == "cuda")
+
+
+def _save(path: Path, model: MedUniC, stepper: Stepper, step: int, epoch: int, batch_in_epoch: int) -> None:
     check_finite(model.state_dict(), f"{path} at step {step}")
     atomic_save(
         {
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
+            **stepper.state_dict(),
             "rng": rng_state(),
             "step": step,
             "epoch": epoch,

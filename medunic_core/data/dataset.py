@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -136,6 +136,29 @@ class EpochSampler(Sampler):
         shard = order[self.rank : self.per_rank * self.world_size : self.world_size]
         for index in shard[self.start :]:
             yield self.epoch, index
+
+
+class EpochStream:
+    """Batches of a loader over :class:`EpochSampler`, epoch after epoch: ``per_epoch``
+    batches of each (whole accumulation groups), from a position ``(epoch, batch)`` that a
+    checkpoint stores and a resume restores. After each batch, ``epoch_ended`` says whether
+    it was the epoch's last."""
+
+    def __init__(self, sampler: EpochSampler, loader: Any, batch_size: int, per_epoch: int, epoch: int = 0) -> None:
+        self.sampler, self.loader, self.batch_size, self.per_epoch = sampler, loader, batch_size, per_epoch
+        self.epoch, self.batch, self.epoch_ended = epoch, 0, False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            self.sampler.set_epoch(self.epoch, start=self.batch * self.batch_size)
+            for batch in self.loader:
+                self.batch += 1
+                self.epoch_ended = self.batch >= self.per_epoch
+                if self.epoch_ended:
+                    self.epoch, self.batch = self.epoch + 1, 0
+                yield batch
+                if self.epoch_ended:
+                    break
 
 
 @dataclass

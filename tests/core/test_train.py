@@ -9,7 +9,8 @@ import pytest
 
 from medunic_core.config import load_config
 from medunic_core.data.dataset import EpochSampler
-from medunic_core.train import cosine_with_warmup, train
+from medunic_core.optim import cosine_with_warmup
+from medunic_core.train import train
 
 
 def test_train_writes_metrics_checkpoint_and_config(synthetic_data, train_overrides, tmp_path):
