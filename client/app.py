@@ -28,15 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.records import arrays_record, record_arrays
-from client.site import (
-    build_mlm_model,
-    build_model,
-    device,
-    resolve_site,
-    run_medunic_config,
-    site_cache,
-    site_tokenizer,
-)
+from client.site import device, resolve_site, site_cache, site_config, site_tokenizer
 from medunic_core import __version__
 from medunic_core.align import AlignmentState, community_statistics
 from medunic_core.data.dataset import prepare_images
@@ -44,6 +36,7 @@ from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
 from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
 from medunic_core.federation import payload as P
+from medunic_core.federation.stages import MLM, VLP, stage_model
 from medunic_core.local import collect_statistics, site_records, train_site
 from medunic_core.mlm import train_mlm_site
 from medunic_core.privacy import ReleaseLedger, check_release, release_update
@@ -58,17 +51,17 @@ LOCAL_BN = "local-bn"  # context.state record of this site's BatchNorms (fed.bn 
 class _Setup:
     """Everything a handler needs, from one incoming message and the node's context."""
 
-    def __init__(self, msg: Message, context: Context, builder=build_model) -> None:
-        self.cfg = run_medunic_config(context.run_config)
-        self.site = resolve_site(context.run_config, context.node_config, self.cfg)
+    def __init__(self, msg: Message, context: Context, stage: str = VLP) -> None:
         config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+        self.cfg = site_config(context.run_config, context.node_config, config.get(P.STAGE_OVERRIDES))
+        self.site = resolve_site(context.run_config, context.node_config, self.cfg)
         self.round = int(config.get(P.SERVER_ROUND, 0))
         version = str(config.get(P.APP_VERSION, __version__))
         if version != __version__:
             raise ConfigError(f"site '{self.site.name}' runs medunic {__version__}, the run uses {version}; "
                               "install the coordinator's version at this site")
         self.tokenizer = site_tokenizer(self.site, str(config.get(P.VOCAB_SHA, "")) or None)
-        self.model = builder(self.cfg, self.tokenizer)
+        self.model = stage_model(self.cfg, self.tokenizer, stage)
         self.device = device()
         self.cache = site_cache(self.site, self.cfg)
         self.run_key = str(config.get(P.RUN_KEY, f"flower-run-{context.run_id}"))
@@ -132,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train(P.MLM)
 def train_mlm(msg: Message, context: Context) -> Message:
-    s = _Setup(msg, context, builder=build_mlm_model)
+    s = _Setup(msg, context, stage=MLM)
     if s.cfg.dp.sgd.enabled:
         raise ConfigError("dp.sgd in the federated MLM stage is not supported yet; use dp.updates (update-level "
                           "DP at the site) or run `medunic mlm` with dp.sgd at one site")
@@ -191,7 +184,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query(P.VOCAB)
 def vocab(msg: Message, context: Context) -> Message:
-    cfg = run_medunic_config(context.run_config)  # no tokenizer or model yet: this stage makes the vocabulary
+    config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+    cfg = site_config(context.run_config, context.node_config, config.get(P.STAGE_OVERRIDES))  # no tokenizer yet
     site = resolve_site(context.run_config, context.node_config, cfg)
     records = site_records(cfg, site.name, site.lang, "train", site.manifest)
     counts = site_word_counts(cfg.vocab, [(r.report, r.lang) for r in records], cfg.model.text.max_length)

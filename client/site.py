@@ -5,13 +5,13 @@ Deployment: the SuperNode's node config names the site (``site``, ``lang``,
 site's privacy budget (``dp-max-epsilon``, ``dp-max-delta``: the site then trains only
 in runs with update-level DP and stops releasing updates before the budget is spent). Simulation: the
 node config only holds ``partition-id``; the run config's ``sites`` list
-(``"en-1:en,es-1:es"``) maps partitions to sites of the shared synthetic manifest. Either
-way nothing about a site is ever written in code.
+(``"en-1:en,es-1:es"``) maps partitions to sites of the shared manifest, and the run's
+config (medunic_core.federation.runconfig, with the coordinator's stage overrides) names the
+manifest and tokenizer. Either way nothing about a site is ever written in code.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,40 +23,19 @@ from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import LANGUAGES
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
-from medunic_core.mlm import mlm_model
-from medunic_core.models import MedUniC, create_model
-from medunic_core.optim import seed_everything
+from medunic_core.federation.runconfig import parse_sites, run_overrides, stage_overrides
 from medunic_core.vocab import load_tokenizer
 
 
-def parse_sites(spec: str) -> list[tuple[str, str]]:
-    """``"en-1:en,es-1:es"`` -> [("en-1", "en"), ("es-1", "es")]."""
-    sites = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, lang = item.partition(":")
-        if not sep or not name or lang not in LANGUAGES:
-            raise ConfigError(f"run config 'sites': '{item}' is not 'name:lang' with lang in {LANGUAGES}")
-        sites.append((name, lang))
-    if not sites:
-        raise ConfigError("run config 'sites' is empty")
-    return sites
-
-
-def run_overrides(run_config: Mapping[str, Any]) -> list[str]:
-    """The medunic ``key=value`` overrides of a run (a JSON list in run config ``overrides``)."""
-    raw = run_config.get("overrides", "[]") or "[]"
-    try:
-        items = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"run config 'overrides' is not a JSON list of key=value strings: {raw!r}") from exc
-    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-        raise ConfigError(f"run config 'overrides' must be a JSON list of strings, got {raw!r}")
-    return items
-
-
-def run_medunic_config(run_config: Mapping[str, Any]) -> MedUniCConfig:
-    """The medunic config of a run: preset + overrides, the same at every site and the server."""
-    return load_config(str(run_config.get("preset", "tiny")), run_overrides(run_config))
+def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any], raw_stage_overrides: Any) -> MedUniCConfig:
+    """The run's config at this site: the run config, and in a simulation the coordinator's
+    stage overrides (the data it generated, the tokenizer and encoder earlier stages made).
+    A deployment site refuses them: its data, tokenizer and encoder come from its node config."""
+    extra = stage_overrides(raw_stage_overrides)
+    if extra and "site" in node_config:
+        raise ConfigError(f"site '{node_config['site']}': the coordinator sent stage overrides {extra[:2]}, which "
+                          "only simulated sites take; run the stages as separate runs (`medunic server run --stage`)")
+    return load_config(str(run_config.get("preset", "tiny") or "tiny"), [*run_overrides(run_config), *extra])
 
 
 @dataclass(frozen=True)
@@ -89,7 +68,7 @@ def _budget(node_config: Mapping[str, Any], key: str) -> Optional[float]:
 
 def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], cfg: MedUniCConfig) -> Site:
     """This node's site from its node config (deployment) or its partition (simulation)."""
-    tokenizer = str(node_config.get("tokenizer") or run_config.get("tokenizer") or "")
+    tokenizer = str(node_config.get("tokenizer") or cfg.train.tokenizer or "")
     if "site" in node_config:
         missing = [k for k in ("lang", "data-path") if k not in node_config]
         if missing:
@@ -122,18 +101,6 @@ def site_tokenizer(site: Site, expected_sha: Optional[str]):
     if not site.tokenizer:
         raise ConfigError(f"site '{site.name}': no tokenizer folder (run config or node config 'tokenizer')")
     return _tokenizer(site.tokenizer, expected_sha or None)
-
-
-def build_model(cfg: MedUniCConfig, tokenizer) -> MedUniC:
-    """The run's architecture, initialised identically everywhere (frozen layers never travel)."""
-    seed_everything(cfg.train.seed)
-    return create_model(cfg.model, len(tokenizer), tokenizer.pad_token_id)
-
-
-def build_mlm_model(cfg: MedUniCConfig, tokenizer) -> torch.nn.Module:
-    """The MLM stage's model (text encoder + MLM head), initialised identically everywhere."""
-    seed_everything(cfg.train.seed)
-    return mlm_model(cfg, len(tokenizer), tokenizer.pad_token_id)
 
 
 def site_cache(site: Site, cfg: MedUniCConfig) -> ImageCache:

@@ -155,6 +155,7 @@ class MlmConfig:
     warmup_steps: int = 100
     mask_prob: float = 0.15  # of which 80% [MASK], 10% random token, 10% unchanged
     log_every: int = 50
+    rounds: int = 3  # a federation's MLM stage: mlm.steps spread over this many rounds
 
 
 @dataclass
@@ -272,7 +273,7 @@ POSITIVE = (
     "model.head.hidden_dim", "model.head.embed_dim", "model.head.ctr_dim", "loss.temperature", "loss.tf_denom",
     "loss.tt_denom", "vocab.vocab_size", "vocab.min_df", "synth.image_size", "train.batch_size", "train.accum_steps",
     "train.lr", "train.grad_clip", "train.log_every", "train.ckpt_every", "train.epochs", "mlm.batch_size", "mlm.lr",
-    "mlm.log_every", "eval.batch_size", "fed.rounds", "fed.local_steps", "fed.reject_factor", "fed.site_wait",
+    "mlm.log_every", "mlm.rounds", "eval.batch_size", "fed.rounds", "fed.local_steps", "fed.reject_factor", "fed.site_wait",
     "fed.round_timeout", "fed.eval_every", "fed.max_site_records",
 )
 NON_NEGATIVE = (

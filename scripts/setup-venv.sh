@@ -33,4 +33,16 @@ print(f"torch=={torch.__version__.split('+')[0]}")
 print(f"torchvision=={torchvision.__version__.split('+')[0]}")
 PYEOF
 $PIP install -q -c "$CONSTRAINTS" -e ".[dev]"
+# `source .venv/bin/activate` then sets what every medunic and Flower command here expects:
+# offline hubs and wandb, Flower quiet, and no runtime dependency installation (this script
+# installed them), so that `flwr run . --stream` runs the app as it is installed.
+MARK="# medunic environment"
+if ! grep -q "$MARK" "$VENV/bin/activate"; then
+    cat >> "$VENV/bin/activate" <<'ACTEOF'
+# medunic environment (scripts/setup-venv.sh)
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
+export TOKENIZERS_PARALLELISM=false FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+ACTEOF
+fi
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, flwr, timm, transformers; print("torch", torch.__version__, "flwr", flwr.__version__, "timm", timm.__version__, "transformers", transformers.__version__)')"

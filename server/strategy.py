@@ -34,8 +34,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from client.site import parse_sites
-from medunic_core import __version__
 from medunic_core.align import AlignmentState
 from medunic_core.config import MedUniCConfig
 from medunic_core.constants import LANGUAGES
@@ -44,6 +42,7 @@ from medunic_core.exchange import TOKEN_EMBEDDINGS
 from medunic_core.federation import payload as P
 from medunic_core.federation.aggregate import fill_unused_rows, outliers, update_norms
 from medunic_core.federation.replies import Sent, check_train_reply
+from medunic_core.federation.runconfig import parse_sites
 from server.messages import arrays_record, collect, record_arrays
 from server.registry import SiteIdentities
 
@@ -86,7 +85,7 @@ class MedUniCAggregation:
     """Mixin in front of a Flower strategy (see :func:`make_strategy`)."""
 
     def __init__(
-        self, *args: Any, reject_factor: float = 10.0, vocab_sha: str = "", wire_dtype: str = "float32",
+        self, *args: Any, reject_factor: float = 10.0, wire_dtype: str = "float32",
         expected_sites: int = 1, site_wait: float = 600.0, message_type: str = P.TRAIN,
         token_key: str = TOKEN_EMBEDDINGS, max_examples: int = 1, layout: Optional[dict] = None, dp: bool = False,
         identities: Optional[SiteIdentities] = None, **kwargs: Any
@@ -95,7 +94,6 @@ class MedUniCAggregation:
         self.message_type, self.token_key = message_type, token_key
         self.expected_sites, self.site_wait = expected_sites, site_wait
         self.reject_factor = reject_factor
-        self.vocab_sha = vocab_sha
         self.wire_dtype = wire_dtype
         self.max_examples, self.layout, self.dp = max_examples, layout, dp
         self.identities = identities or SiteIdentities(LANGUAGES)
@@ -114,8 +112,6 @@ class MedUniCAggregation:
         self.global_arrays = record_arrays(arrays, np.float32)
         nodes = wait_for_sites(grid, self.expected_sites, self.min_train_nodes, self.site_wait, f"round {server_round}")
         self.min_available_nodes = len(nodes)  # Flower's sampling would otherwise wait forever
-        config[P.VOCAB_SHA] = self.vocab_sha
-        config[P.APP_VERSION] = __version__
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.message_type != MessageType.TRAIN:  # e.g. "train.mlm": another handler at the sites
             messages = [Message(m.content, dst_node_id=m.metadata.dst_node_id, message_type=self.message_type,
@@ -198,7 +194,7 @@ class MedUniCFedAdam(MedUniCAggregation, FedAdam):
     """FedAvg's mean as a pseudo-gradient for a server-side Adam (``fed.server_lr``)."""
 
 
-def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str, message_type: str = MessageType.TRAIN,
+def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = MessageType.TRAIN,
                   token_key: str = TOKEN_EMBEDDINGS, max_examples: int = 0, layout: Optional[dict] = None,
                   identities: Optional[SiteIdentities] = None) -> MedUniCAggregation:
     """The configured strategy: a round waits ``fed.site_wait`` for all ``num_sites``, then
@@ -217,7 +213,6 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, vocab_sha: str, message_ty
         expected_sites=num_sites,
         site_wait=cfg.fed.site_wait,
         reject_factor=cfg.fed.reject_factor,
-        vocab_sha=vocab_sha,
         wire_dtype=cfg.fed.wire_dtype,
         message_type=message_type,
         token_key=token_key,

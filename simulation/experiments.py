@@ -1,6 +1,7 @@
 """``medunic experiment``: centralized vs federated Med-UniC, same data, budget and seeds.
 
-For every seed it trains, from one shared MLM-initialised text encoder:
+The data, the vocabulary and the MLM warm-up are made once, federated (a ``stage=text``
+simulation). For every seed it trains, from that shared MLM-initialised text encoder:
 
 - centralized, CTR on and off (``train.max_steps`` = the federation's total site steps, so
   both see the same number of pairs);
@@ -26,7 +27,8 @@ from medunic_core.config import load_config
 from medunic_core.evaluation.report import write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.train import train
-from simulation.federated import prepare, simulate, site_overrides
+from medunic_core.federation.runconfig import PAIRS_PER_SITE, parse_site_specs, parse_sites, synthetic_data_dir
+from simulation.federated import simulate
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +57,24 @@ def run_experiment(
     preset: str,
     overrides: Sequence[str],
     seeds: Sequence[int],
-    sites: str = "en:1,es:1",
-    pairs_per_site: int = 400,
+    sites: str = "en-1:en,es-1:es",
+    pairs_per_site: int = 0,
     out: str | Path = "runs/experiment",
     progress: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every variant for every seed; returns results by row name."""
     root = Path(out).resolve()
-    synth, site_list = site_overrides(sites, pairs_per_site)
     warmup = [] if any(o.startswith("mlm.steps=") for o in overrides) else [f"mlm.steps={DEFAULT_MLM_STEPS}"]
-    shared = [*synth, *warmup, *overrides, f"fed.out_dir={root / 'shared'}"]
-    cfg, shared, tokenizer = prepare(shared, preset, progress)  # data + MLM warm-up, once
-    shared = [o for o in shared if not o.startswith("fed.out_dir=")] + [f"train.tokenizer={tokenizer}"]
-    n_sites = len(site_list.split(","))
+    # data, vocabulary and MLM warm-up once, federated (stage=text), shared by every variant
+    prepared = simulate(preset, [*warmup, *overrides, f"fed.out_dir={root / 'shared'}"], sites, pairs_per_site,
+                        progress, stage="text")
+    manifest = (synthetic_data_dir(parse_site_specs(sites, pairs_per_site or PAIRS_PER_SITE)) / "manifest.jsonl")
+    shared = [*warmup, *overrides, f"data.manifest={manifest.resolve()}",
+              f"train.tokenizer={prepared / 'vocab' / 'tokenizer'}"]
+    if load_config(preset, shared).mlm.steps > 0:
+        shared.append(f"model.text.pretrained={prepared / 'mlm' / 'text_encoder'}")
+    cfg = load_config(preset, shared)
+    n_sites = len(parse_sites(sites))
     steps = cfg.fed.rounds * cfg.fed.local_steps * n_sites
     print(f"experiment: {len(seeds)} seeds; budget {steps} steps of {cfg.train.batch_size} pairs per run "
           f"({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x {n_sites} sites)", flush=True)
@@ -85,10 +92,10 @@ def run_experiment(
                 if not (fed_dir / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
                     simulate(preset, [*shared, ctr, f"train.seed={seed}", f"align.train_norm={train_norm}",
                                       f"fed.out_dir={fed_dir}", "eval.tsne=false"],
-                             sites, pairs_per_site, progress)
+                             sites, pairs_per_site, progress, stage="vlp")
                 for norm, res in _evaluate_both(fed_dir / "model", progress).items():
                     rows.setdefault(f"federated {train_norm} / {ctr_name} / eval {norm}", []).append(res)
-            write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, site_list, steps),
+            write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, sites, steps),
                              columns=HEADLINE)
     print((root / "compare.md").read_text())
     return rows
@@ -107,8 +114,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("experiment", help="centralized vs federated variants x seeds, one table")
     add_config_args(parser, preset="tiny")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
-    parser.add_argument("--sites", default="en:1,es:1", help="sites per language (default: %(default)s)")
-    parser.add_argument("--pairs-per-site", type=int, default=400)
+    parser.add_argument("--sites", default="en-1:en,es-1:es", help="sites name:lang[:pairs[:profile]] "
+                                                                   "(default: %(default)s)")
+    parser.add_argument("--pairs-per-site", type=int, default=0, help="synthetic pairs per site (default: 400)")
     parser.add_argument("--out", default="runs/experiment", help="experiment folder (default: %(default)s)")
     parser.set_defaults(func=_main)
 

@@ -25,6 +25,7 @@ APP_VERSION = "app-version"
 RUN_KEY = "run-key"
 BATCHES = "batches"  # statistics pass: how many batches
 STAGE = "stage"
+STAGE_OVERRIDES = "stage-overrides"  # simulation: the coordinator's overrides made as the run goes (runconfig.py)
 SITE_NAME = "site"
 COMMUNITY = "community"
 NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights by this metric

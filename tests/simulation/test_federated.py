@@ -9,7 +9,6 @@ import subprocess
 import pytest
 
 from medunic_core.cli import main
-from simulation.federated import parse_site_counts, site_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -20,13 +19,16 @@ def test_simulate_en_and_es_sites_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # data/ and cache/ of the run land here
     run_dir = tmp_path / "fed"
     rc = main([
-        "simulate", "--no-progress", "--sites", "en:1,es:1", "--pairs-per-site", "40", "--rounds", "2",
+        "simulate", "--no-progress", "--sites", "en-1:en,es-1:es", "--pairs-per-site", "40", "--rounds", "2",
         f"fed.out_dir={run_dir}", "fed.local_steps=2", "train.batch_size=8", "train.warmup_steps=1",
         "vocab.vocab_size=300", "model.image.kwargs.depth=2", "model.text.num_layers=2",
         "synth.image_size=96", "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]",
         "align.train_norm=mixed", "align.eval_norm=community",
     ])
     assert rc == 0
+    # the vocabulary was a federated stage of the same run, from both sites' word counts
+    vocab = json.loads((run_dir / "vocab" / "vocab_stage.json").read_text())
+    assert set(vocab["sites"]) == {"en-1", "es-1"} and vocab["invalid"] == {}
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
@@ -50,15 +52,6 @@ def _has_env(pid: str, entry: str) -> bool:
             return entry.encode() in f.read().split(b"\0")
     except OSError:
         return False
-
-
-def test_site_spec():
-    assert parse_site_counts("en:2,es:1") == [("en", 2), ("es", 1)]
-    overrides, sites = site_overrides("en:2,es:1", 50)
-    assert sites == "en-1:en,en-2:en,es-1:es"
-    assert "n: 50" in overrides[0] and "profile: portable" in overrides[0]
-    with pytest.raises(Exception, match="lang:count"):
-        parse_site_counts("fr:1")
 
 
 def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatch):

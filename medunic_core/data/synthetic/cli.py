@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 
 from medunic_core.cli import add_config_args
@@ -11,7 +10,7 @@ from medunic_core.config import load_config
 from medunic_core.constants import FINDINGS, SPLITS
 from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.synthetic.generator import default_workers, generate
-from medunic_core.errors import ConfigError
+from medunic_core.federation.runconfig import parse_site_specs, synth_sites_override
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,25 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sites",
         default=None,
-        metavar="NAME:LANG:N[:PROFILE],...",
+        metavar="NAME:LANG[:N[:PROFILE]],...",
         help="replace synth.sites, e.g. en-1:en:100:default,es-1:es:100:portable",
     )
     p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: %(default)s)")
     p.set_defaults(func=run)
-
-
-def parse_sites(spec: str) -> list[dict[str, object]]:
-    """``en-1:en:100:default,es-1:es:50`` -> site dicts for ``synth.sites`` (profile optional)."""
-    sites = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        parts = item.split(":")
-        if len(parts) not in (3, 4) or not parts[2].isdigit():
-            raise ConfigError(f"--sites entry '{item}' is not NAME:LANG:N[:PROFILE] (e.g. es-1:es:100:portable)")
-        profile = parts[3] if len(parts) == 4 else "default"
-        sites.append({"name": parts[0], "lang": parts[1], "n": int(parts[2]), "profile": profile})
-    if not sites:
-        raise ConfigError(f"--sites '{spec}' names no site")
-    return sites
 
 
 def format_summary(records: list[Record]) -> str:
@@ -71,7 +56,7 @@ def format_summary(records: list[Record]) -> str:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.sites:
-        overrides.append("synth.sites=" + json.dumps(parse_sites(args.sites)))
+        overrides.append(synth_sites_override(parse_site_specs(args.sites)))
     cfg = load_config(args.preset, overrides, config_file=args.config)
     manifest = generate(cfg.synth, out=args.out, progress=not args.no_progress, workers=args.workers)
     records = read_manifest(manifest)

@@ -6,12 +6,11 @@ import json
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from client.site import run_medunic_config
+from medunic_core.federation.runconfig import load_run_config
 from medunic_core.data.manifest import read_manifest
 from medunic_core.vocab import build_tokenizer, document_frequencies, load_tokenizer, vocabulary_words
-from server.vocabulary import SUMMARY_FILE, VocabularyStage
-
-from .grid import InProcessGrid
+from server.stages import VOCAB_SUMMARY, Federation, VocabStage
+from tests.inprocess import InProcessGrid
 
 
 def _site_words(manifest, site: str, cfg) -> dict:
@@ -22,7 +21,7 @@ def _site_words(manifest, site: str, cfg) -> dict:
 
 def test_rare_words_never_leave_a_site(run_config, synthetic_data):
     rc = run_config("vocab.min_df=3")
-    cfg = run_medunic_config(rc)
+    cfg = load_run_config(rc)
     request = Message(RecordDict({"config": ConfigRecord({"stage": "vocab"})}), message_type="query.vocab",
                       dst_node_id=2)
     reply = InProcessGrid(rc).send_and_receive([request])[0]  # partition 1: es-1
@@ -44,11 +43,11 @@ def test_vocabulary_stage_builds_the_runs_tokenizer(run_config, tmp_path, synthe
     # extend mode: the federated result equals the centralized one when no word falls below
     # a site's min_df that the pooled corpus would keep (min_df=1)
     base = tmp_path / "base"
-    build_tokenizer(run_medunic_config(run_config()).vocab, [("the heart is normal size", "en")] * 2, base)
+    build_tokenizer(load_run_config(run_config()).vocab, [("the heart is normal size", "en")] * 2, base)
     rc = run_config(f"vocab.base={base}", "vocab.min_df=1", "vocab.max_new_tokens=40")
-    cfg = run_medunic_config(rc)
-    folder = VocabularyStage(rc).run(InProcessGrid(rc))
-    summary = json.loads((folder.parent / SUMMARY_FILE).read_text())
+    cfg = load_run_config(rc)
+    folder = VocabStage(Federation.from_run_config(rc)).run(InProcessGrid(rc))
+    summary = json.loads((folder.parent / VOCAB_SUMMARY).read_text())
     assert set(summary["sites"]) == {"en-1", "es-1"} and set(summary["words_received"]) == {"es"}
     records = read_manifest(synthetic_data, None, split="train")
     central = build_tokenizer(cfg.vocab, [(r.report, r.lang) for r in records], tmp_path / "central")
@@ -58,7 +57,7 @@ def test_vocabulary_stage_builds_the_runs_tokenizer(run_config, tmp_path, synthe
 
 def test_vocabulary_stage_trains_wordpiece_without_a_base(run_config, synthetic_data):
     rc = run_config("vocab.vocab_size=300", "vocab.min_df=2")
-    folder = VocabularyStage(rc).run(InProcessGrid(rc))
+    folder = VocabStage(Federation.from_run_config(rc)).run(InProcessGrid(rc))
     tokenizer = load_tokenizer(folder)
     stats = json.loads((folder / "vocab_stats.json").read_text())
     assert stats["mode"] == "train" and stats["federated"] and 200 <= len(tokenizer) <= 300

@@ -15,7 +15,7 @@ from medunic_core.errors import ConfigError, MedunicError
 from server import coordinator
 from server.certs import create_ca
 
-from .loopback import free_port
+from tests.deployment.loopback import free_port
 
 
 def test_the_connection_is_added_or_updated_and_nothing_else_changes(tmp_path):

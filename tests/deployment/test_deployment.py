@@ -18,7 +18,7 @@ import torch
 from medunic_core.exchange import arrays_sha256
 from server.rounds import SERVER_CHECKPOINT
 
-from .loopback import ROUND_TIMEOUT, SITE_WAIT, SITES, loopback_federation, wait_until
+from tests.deployment.loopback import ROUND_TIMEOUT, SITE_WAIT, SITES, loopback_federation, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

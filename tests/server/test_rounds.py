@@ -15,9 +15,13 @@ from client.records import record_arrays
 from medunic_core.errors import FederationError
 from medunic_core.evaluation.run import community_stats_of_run, load_run
 from medunic_core.exchange import arrays_sha256
-from server.rounds import EXPORT_DIR, ROUNDS_FILE, SERVER_CHECKPOINT, FederatedRun
+from server.rounds import ROUNDS_FILE, SERVER_CHECKPOINT
+from server.stages import EXPORT_DIR, Federation, VlpStage
+from tests.inprocess import InProcessGrid
 
-from .grid import InProcessGrid
+
+def FederatedRun(run_config: dict) -> VlpStage:  # noqa: N802 -- reads like the run it builds
+    return VlpStage(Federation.from_run_config(run_config))
 
 
 class CrashingGrid(InProcessGrid):

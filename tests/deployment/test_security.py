@@ -20,7 +20,7 @@ from server.coordinator import write_connection
 from server.registry import REGISTRY_FILE, SiteRegistry
 from server.superlink import REFUSAL
 
-from .loopback import SITES, free_port, loopback_federation, wait_until
+from tests.deployment.loopback import SITES, free_port, loopback_federation, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -7,13 +7,14 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from client.records import arrays_record, record_arrays
-from client.site import build_model, run_medunic_config
+from medunic_core.federation.runconfig import load_run_config
+from medunic_core.federation.stages import VLP, stage_model
 from medunic_core.data.manifest import read_manifest
 from medunic_core.errors import CheckpointMismatchError, ConfigError, SiteDataError, VocabMismatchError
 from medunic_core.exchange import TOKEN_EMBEDDINGS, model_arrays, wire_names
 from medunic_core.vocab import load_tokenizer, vocab_sha256
 
-from .grid import InProcessGrid
+from tests.inprocess import InProcessGrid
 
 # DESIGN.md, "What travels": the records a training reply may hold, and nothing else.
 TRAIN_REPLY = {"arrays", "metrics", "align", "usage", "site"}
@@ -31,9 +32,9 @@ def _train_message(model, sha: str, node: int = 1, align=None) -> Message:
 @pytest.fixture
 def setup(run_config, fed_tokenizer):
     rc = run_config()
-    cfg = run_medunic_config(rc)
+    cfg = load_run_config(rc)
     tok = load_tokenizer(fed_tokenizer)
-    return rc, cfg, build_model(cfg, tok), vocab_sha256(tok)
+    return rc, cfg, stage_model(cfg, tok, VLP), vocab_sha256(tok)
 
 
 def test_train_reply_carries_only_what_may_travel(setup, synthetic_data):
@@ -114,9 +115,9 @@ def test_dp_train_reply_is_clipped_noised_and_sends_no_token_rows(run_config, fe
     clip = 0.5
     rc = run_config("dp.updates.enabled=true", "dp.updates.delta=1e-5", "dp.updates.noise_multiplier=1e-6",
                     f"dp.updates.clip={clip}", f"data.cache_dir={tmp_path / 'cache'}")
-    cfg = run_medunic_config(rc)
+    cfg = load_run_config(rc)
     tok = load_tokenizer(fed_tokenizer)
-    model = build_model(cfg, tok)
+    model = stage_model(cfg, tok, VLP)
     reply = InProcessGrid(rc).send_and_receive([_train_message(model, vocab_sha256(tok))])[0]
     assert not reply.has_error()
     assert set(reply.content.keys()) == TRAIN_REPLY - {"usage"} | {"privacy"}
@@ -145,7 +146,7 @@ def test_site_privacy_budget_stops_releases(run_config, fed_tokenizer, synthetic
     tok = load_tokenizer(fed_tokenizer)
 
     def send(rc):
-        model = build_model(run_medunic_config(rc), tok)
+        model = stage_model(load_run_config(rc), tok, VLP)
         ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=rc)
         return client_app(_train_message(model, vocab_sha256(tok)), ctx)
 
