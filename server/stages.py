@@ -45,7 +45,7 @@ from medunic_core.federation.stages import MLM, VLP, max_examples, stage_model, 
 from medunic_core.vocab import build_tokenizer_from_counts, counts_language, load_tokenizer, vocab_sha256
 from server.messages import arrays_record, broadcast
 from server.registry import SiteIdentities, site_identities
-from server.report import write_federated_report
+from medunic_core.evaluation.report import write_federated_report
 from server.rounds import run_rounds
 from server.strategy import federation_size, make_strategy, wait_for_sites
 

@@ -23,13 +23,10 @@ from medunic_core.evaluation.report import compare_table, format_eval_markdown, 
 from medunic_core.evaluation.run import evaluate
 from medunic_core.mlm import train_mlm
 from medunic_core.train import train
+from simulation.experiments import load_suite
 
 log = logging.getLogger(__name__)
 
-VARIANTS: dict[str, list[str]] = {
-    "ctr": ["loss.ctr=true"],
-    "no-ctr": ["loss.ctr=false"],
-}
 
 
 def ensure_synthetic_data(cfg: MedUniCConfig, progress: bool = True) -> Path:
@@ -75,21 +72,19 @@ def run_compare(
     out_dir: Optional[str] = None,
     progress: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every variant of :data:`VARIANTS` x seed on the same data and budget."""
+    """Every variant of configs/experiments/compare.yaml x seed on the same data and budget."""
     base = load_config(preset, list(overrides))
     ensure_synthetic_data(base, progress)
     root = Path(out_dir or Path(base.train.out_dir).parent / "compare")
     overrides = [*overrides, f"mlm.out_dir={root / 'mlm'}"]
     overrides += text_warmup(load_config(preset, overrides), progress)
     runs: dict[str, list[dict[str, Any]]] = {}
-    for name, variant in VARIANTS.items():
+    for variant in load_suite("compare").variants:
         for seed in seeds:
-            cfg = load_config(
-                preset,
-                [*overrides, *variant, f"train.seed={seed}", f"train.out_dir={root / name / f'seed{seed}'}"],
-            )
-            log.info("variant %s, seed %d", name, seed)
-            runs.setdefault(name, []).append(train_and_evaluate(cfg, progress))
+            cfg = load_config(preset, [*overrides, *variant.overrides, f"train.seed={seed}",
+                                       f"train.out_dir={root / variant.name / f'seed{seed}'}"])
+            log.info("variant %s, seed %d", variant.name, seed)
+            runs.setdefault(variant.name, []).append(train_and_evaluate(cfg, progress))
     write_comparison(runs, root)
     print(compare_table(runs))
     print(f"\ncomparison: {root / 'compare.md'}")

@@ -1,17 +1,16 @@
-"""``medunic experiment``: centralized vs federated Med-UniC, same data, budget and seeds.
+"""``medunic experiment``: variants x seeds on the same data and budget, one table.
 
-The data, the vocabulary and the MLM warm-up are made once, federated (a ``stage=text``
-simulation). For every seed it trains, from that shared MLM-initialised text encoder:
-
-- centralized, CTR on and off (``train.max_steps`` = the federation's total site steps, so
-  both see the same number of pairs);
-- federated (a real Flower simulation each), ``align.train_norm`` local and mixed, CTR on
-  and off;
-
-and evaluates every trained model with ``align.eval_norm`` global and community (an
-evaluation-time choice: the same weights, two normalisations). It writes one table with
-mean and spread over seeds, one row per variant (``compare.md`` / ``.json``). Running the
-same command again reuses every trained model and evaluation already in the folder.
+The variants are a suite in ``configs/experiments/<suite>.yaml`` (``--suite``, default
+``default``: centralized vs federated ``align.train_norm`` local and mixed, CTR on and off),
+each a name, a kind (``centralized`` or ``federated``) and medunic overrides. The data, the
+vocabulary and the suite's MLM warm-up are made once, federated (a ``stage=text``
+simulation); for every seed each variant trains from that shared text encoder:
+centralized with ``train.max_steps`` = the federation's total site steps (so both see the
+same number of pairs), federated as a real Flower simulation (``stage=vlp``). Every trained
+model is evaluated with each of the suite's ``eval_norms`` (an evaluation-time choice: the
+same weights). It writes one table with mean and spread over seeds, one row per variant
+and eval norm (``compare.md`` / ``.json``). Running the same command again reuses every
+trained model and evaluation already in the folder.
 """
 
 from __future__ import annotations
@@ -19,11 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from medunic_core.cli import add_config_args
-from medunic_core.config import load_config
+from medunic_core.config import CONFIG_DIR, load_config
+from medunic_core.errors import ConfigError
 from medunic_core.evaluation.report import write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.train import train
@@ -32,21 +37,56 @@ from simulation.federated import simulate
 
 log = logging.getLogger(__name__)
 
-CTR = {"ctr": "loss.ctr=true", "no-ctr": "loss.ctr=false"}
-TRAIN_NORMS = ("local", "mixed")
-EVAL_NORMS = ("global", "community")
+SUITES_DIR = CONFIG_DIR / "experiments"
+KINDS = ("centralized", "federated")
 HEADLINE = (  # DESIGN.md's order: retrieval first, then community bias, then zero-shot
     "retrieval/mean/R@1", "retrieval/mean/R@5", "retrieval/mean/chance@5",
     "bias/text/lang_mean_dist_over_spread", "bias/text/silhouette_lang",
     "zeroshot/en/macro_auc", "zeroshot/es/macro_auc",
 )
-DEFAULT_MLM_STEPS = 200  # DESIGN.md: experiments start from an MLM-initialised text encoder
 
 
-def _evaluate_both(run_dir: Path, progress: bool) -> dict[str, dict[str, Any]]:
-    """Both evaluation norms of one trained model; an evaluation already written is reused."""
+@dataclass
+class Variant:
+    name: str = MISSING
+    kind: str = MISSING  # centralized | federated
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Suite:
+    """A suite of variants (``configs/experiments/NAME.yaml``)."""
+
+    description: str = ""
+    mlm_steps: int = 0  # the shared MLM warm-up; 0 keeps the preset's mlm.steps
+    eval_norms: list[str] = field(default_factory=lambda: ["global", "community"])
+    variants: list[Variant] = field(default_factory=list)
+
+
+def load_suite(name: str) -> Suite:
+    """A suite by name (configs/experiments) or path, checked against :class:`Suite`."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else SUITES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+        raise ConfigError(f"no experiment suite {path}; known suites: {known}")
+    try:
+        suite = OmegaConf.merge(OmegaConf.structured(Suite), OmegaConf.load(path))
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"{path}: {' '.join(str(exc).split())[:200]}") from None
+    bad = [v.name for v in suite.variants if v.kind not in KINDS]
+    if bad or not suite.variants:
+        raise ConfigError(f"{path}: every variant needs kind one of {KINDS} (not: {bad}), and a suite needs variants")
+    return suite  # type: ignore[return-value]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _evaluate(run_dir: Path, norms: Sequence[str], progress: bool) -> dict[str, dict[str, Any]]:
+    """Each evaluation norm of one trained model; an evaluation already written is reused."""
     out = {}
-    for norm in EVAL_NORMS:
+    for norm in norms:
         done = run_dir / f"eval-{norm}" / "eval.json"
         out[norm] = json.loads(done.read_text()) if done.is_file() else evaluate(
             run_dir, run_dir / f"eval-{norm}", [f"align.eval_norm={norm}", "eval.tsne=false"], progress=progress)
@@ -61,10 +101,13 @@ def run_experiment(
     pairs_per_site: int = 0,
     out: str | Path = "runs/experiment",
     progress: bool = False,
+    suite_name: str = "default",
 ) -> dict[str, list[dict[str, Any]]]:
-    """Train and evaluate every variant for every seed; returns results by row name."""
+    """Train and evaluate every variant of the suite for every seed; returns results by row name."""
+    suite = load_suite(suite_name)
     root = Path(out).resolve()
-    warmup = [] if any(o.startswith("mlm.steps=") for o in overrides) else [f"mlm.steps={DEFAULT_MLM_STEPS}"]
+    warmup = [f"mlm.steps={suite.mlm_steps}"] if suite.mlm_steps and not any(
+        o.startswith("mlm.steps=") for o in overrides) else []
     # data, vocabulary and MLM warm-up once, federated (stage=text), shared by every variant
     prepared = simulate(preset, [*warmup, *overrides, f"fed.out_dir={root / 'shared'}"], sites, pairs_per_site,
                         progress, stage="text")
@@ -76,25 +119,25 @@ def run_experiment(
     cfg = load_config(preset, shared)
     n_sites = len(parse_sites(sites))
     steps = cfg.fed.rounds * cfg.fed.local_steps * n_sites
-    print(f"experiment: {len(seeds)} seeds; budget {steps} steps of {cfg.train.batch_size} pairs per run "
-          f"({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x {n_sites} sites)", flush=True)
+    print(f"experiment '{suite_name}': {len(suite.variants)} variants x {len(seeds)} seeds; budget {steps} steps of "
+          f"{cfg.train.batch_size} pairs per run ({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x {n_sites} "
+          "sites)", flush=True)
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
-        for ctr_name, ctr in CTR.items():
-            run = root / f"central-{ctr_name}" / f"seed{seed}"
-            ccfg = load_config(preset, [*shared, ctr, f"train.seed={seed}", f"train.out_dir={run}",
-                                        f"train.max_steps={steps}"])
-            train(ccfg, progress=progress)  # resumes (or returns at once) when the run exists
-            for norm, res in _evaluate_both(run, progress).items():
-                rows.setdefault(f"centralized / {ctr_name} / eval {norm}", []).append(res)
-            for train_norm in TRAIN_NORMS:
-                fed_dir = root / f"fed-{train_norm}-{ctr_name}" / f"seed{seed}"
-                if not (fed_dir / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
-                    simulate(preset, [*shared, ctr, f"train.seed={seed}", f"align.train_norm={train_norm}",
-                                      f"fed.out_dir={fed_dir}", "eval.tsne=false"],
-                             sites, pairs_per_site, progress, stage="vlp")
-                for norm, res in _evaluate_both(fed_dir / "model", progress).items():
-                    rows.setdefault(f"federated {train_norm} / {ctr_name} / eval {norm}", []).append(res)
+        for variant in suite.variants:
+            run = root / _slug(variant.name) / f"seed{seed}"
+            common = [*shared, *variant.overrides, f"train.seed={seed}"]
+            if variant.kind == "centralized":
+                train(load_config(preset, [*common, f"train.out_dir={run}", f"train.max_steps={steps}"]),
+                      progress=progress)  # resumes (or returns at once) when the run exists
+                model = run
+            else:
+                if not (run / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
+                    simulate(preset, [*common, f"fed.out_dir={run}", "eval.tsne=false"], sites, pairs_per_site,
+                             progress, stage="vlp")
+                model = run / "model"
+            for norm, res in _evaluate(model, suite.eval_norms, progress).items():
+                rows.setdefault(f"{variant.name} / eval {norm}", []).append(res)
             write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, sites, steps),
                              columns=HEADLINE)
     print((root / "compare.md").read_text())
@@ -113,6 +156,8 @@ def _preamble(cfg, seeds: Sequence[int], site_list: str, steps: int) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("experiment", help="centralized vs federated variants x seeds, one table")
     add_config_args(parser, preset="tiny")
+    parser.add_argument("--suite", default="default", help="configs/experiments/NAME.yaml or a path "
+                                                              "(default: %(default)s)")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
     parser.add_argument("--sites", default="en-1:en,es-1:es", help="sites name:lang[:pairs[:profile]] "
                                                                    "(default: %(default)s)")
@@ -124,5 +169,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     run_experiment(args.preset, args.overrides, seeds, args.sites, args.pairs_per_site, args.out,
-                   not args.no_progress)
+                   not args.no_progress, args.suite)
     return 0

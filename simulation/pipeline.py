@@ -27,6 +27,7 @@ from medunic_core.config import load_config
 from medunic_core.data.manifest import read_manifest
 from medunic_core.data.public_text import build_public_text
 from medunic_core.evaluation.bias import community_bias
+from medunic_core.evaluation.report import write_pipeline_report
 from medunic_core.evaluation.run import Encoder
 from medunic_core.federation.runconfig import parse_site_specs, synthetic_data_dir
 from medunic_core.federation.stages import VLP, stage_model
@@ -35,7 +36,6 @@ from medunic_core.vocab import load_tokenizer
 from simulation.federated import simulate
 
 SITES = "en-1:en,es-1:es"
-BIAS_KEYS = ("lang_mean_dist_over_spread", "silhouette_lang", "lang_id_probe_acc")
 
 
 def prepare_data(data: str, pairs_per_site: int, progress: bool) -> list[str]:
@@ -90,58 +90,6 @@ def pipeline(preset: str, overrides: Sequence[str], data: str = "public-text", p
     report = write_pipeline_report(out, results, variants)
     print(f"\nreport: {report}")
     return out
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
-
-
-def write_pipeline_report(out: Path, results: dict[str, Any], variants: Sequence[str]) -> Path:
-    """``report.md`` and ``bias.png``: the stages' summaries and community bias per stage."""
-    vocab = results["vocab"]
-    lines = [f"# Federated pipeline ({results['data']}, {results['pairs_per_site']} pairs per site)", "",
-             "## Vocabulary stage", "",
-             f"{vocab['vocab_size']} tokens (sha256 {vocab['sha256'][:12]}...), from the word counts of "
-             f"{', '.join(f'{s} ({r})' for s, r in vocab['sites'].items())}; words received per language: "
-             f"{vocab['words_received']}.", "", "## MLM stage", "", "| round | mean MLM loss of the sites |", "|---|---|"]
-    lines += [f"| {i} | {_fmt(r.get('train_mlm_loss'))} |" for i, r in enumerate(results["mlm"], start=1)]
-    rows = [("after MLM only", "F_l [CLS]", results["after_mlm"], {})]
-    for v in variants:
-        res = results[f"vlp-{v}"]
-        rows.append((f"VLP federated-{v}, CTR on", "F_l [CLS]", res["bias"]["encoder"], res))
-        rows.append((f"VLP federated-{v}, CTR on", f"P_l ({res['meta']['eval_norm']} norm)", res["bias"]["text"], res))
-    header = ["stage", "embedding", "mean dist / spread", "silhouette (lang)", "lang-ID acc", "R@1", "R@5",
-              "zero-shot en", "zero-shot es"]
-    lines += ["", "## Community bias, measured (lower = less language clustering)", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, emb, bias, res in rows:
-        retrieval = (res.get("retrieval") or {}).get("mean", {})
-        zs = res.get("zeroshot", {})
-        lines.append("| " + " | ".join([name, emb, *(_fmt(bias.get(k)) for k in BIAS_KEYS),
-                                        _fmt(retrieval.get("R@1")), _fmt(retrieval.get("R@5")),
-                                        _fmt((zs.get("en") or {}).get("macro_auc")),
-                                        _fmt((zs.get("es") or {}).get("macro_auc"))]) + " |")
-    chance = next(((results[f"vlp-{v}"].get("retrieval") or {}).get("mean", {}) for v in variants), {})
-    lines += ["", f"F_l [CLS]: the text encoder's features; P_l: the report embedding. Chance levels: language-ID "
-                  f"probe {_fmt(results['after_mlm'].get('lang_id_chance'))}, EN<->ES retrieval R@1 "
-                  f"{_fmt(chance.get('chance@1'))}, R@5 {_fmt(chance.get('chance@5'))}.", "",
-              "![community bias](bias.png)", ""]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    labels = [f"{n.replace('VLP federated-', 'VLP ').replace(', CTR on', '')}\n{e.split(' (')[0]}" for n, e, _, _ in rows]
-    for ax, key, title in zip(axes, BIAS_KEYS[:2], ("distance between language means / spread", "silhouette by language")):
-        ax.bar(range(len(rows)), [b.get(key) or 0.0 for _, _, b, _ in rows], color="tab:blue")
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "bias.png", dpi=120)
-    plt.close(fig)
-    (out / "report.md").write_text("\n".join(lines))
-    return out / "report.md"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

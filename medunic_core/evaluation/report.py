@@ -1,4 +1,5 @@
-"""Evaluation results as JSON, Markdown tables, t-SNE plots and run-by-run comparisons.
+"""Every report medunic writes, as Markdown tables and PNG plots: an evaluated model (JSON,
+tables, t-SNE), comparisons of runs, a federated run's rounds, and the federated pipeline.
 
 The ``results`` dict of one evaluated model (every section optional; produced by
 ``medunic_core.evaluation.run``)::
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from medunic_core.evaluation.zeroshot import l2_normalize
+from medunic_core.privacy import NOT_COVERED
 
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
@@ -182,11 +185,9 @@ def plot_tsne(
     is used as is (e.g. the first finding). Perplexity is min(30, (N - 1) / 3), at least
     1, so small sets work; more than ``TSNE_MAX_POINTS`` points are subsampled.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
+
+    plt = _pyplot()
 
     emb, lang_arr = l2_normalize(embeddings), np.asarray(langs)
     groups = np.asarray([_marker_group(x) for x in labels] if labels is not None
@@ -301,3 +302,173 @@ def write_comparison(
         json.dumps(to_jsonable({"metrics": keys, "runs": table}), indent=2, allow_nan=False) + "\n"
     )
     return md_path, json_path
+
+
+# -- federated runs and the pipeline: per-round tables and plots -------------------------
+REPORT_DIR = "report"
+BIAS_KEYS = ("lang_mean_dist_over_spread", "silhouette_lang", "lang_id_probe_acc")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _lines(path: Path, title: str, series: dict[str, tuple[list[int], list[float]]], ylabel: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in series.items():
+        if x:
+            ax.plot(x, y, marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(path: Path, labels: Sequence[str], panels: Mapping[str, Sequence[float]]) -> None:
+    """One bar chart per panel, side by side, over the same labels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels.items()):
+        ax.bar(range(len(values)), values, color="tab:blue")
+        ax.set_xticks(range(len(values)), labels, fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _series(rows: list[dict], section: str, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[section][key]) for r in rows if isinstance(r.get(section), dict)
+           and isinstance(r[section].get(key), (int, float))]
+    return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+
+def _site_series(rows: list[dict], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for r in rows:
+        for site, m in (r.get("sites_eval") or {}).items():
+            if isinstance(m.get(metric), (int, float)):
+                xs, ys = out.setdefault(f"site {site} ({m.get('community', '?')})", ([], []))
+                xs.append(r["round"])
+                ys.append(float(m[metric]))
+    return out
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "rounds.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a federated run folder")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_federated_report(run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/report/report.md`` and its plots; returns the Markdown path."""
+    run_dir = Path(run_dir)
+    rows = read_rounds(run_dir)
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    loss_keys = sorted({k for r in rows for k in (r.get("train") or {}) if k.startswith("train_") and k.endswith("loss")})
+    _lines(out / "losses.png", "mean training losses of the sites",
+          {k.removeprefix("train_"): _series(rows, "train", k) for k in loss_keys}, "loss")
+    langs = sorted({k.removeprefix("zeroshot_") for r in rows for k in (r.get("central") or {}) if k.startswith("zeroshot_")})
+    zs = {f"central, {lang} prompts": _series(rows, "central", f"zeroshot_{lang}") for lang in langs}
+    zs.update(_site_series(rows, "zeroshot_auc"))
+    _lines(out / "zeroshot.png", "zero-shot macro AUC per community", zs, "macro AUC")
+    bias_keys = [k for k in ("R@1", "R@5", "bias_lang_mean_dist_over_spread", "bias_silhouette_lang", "bias_lang_id_probe_acc")
+                 if any(k in (r.get("central") or {}) for r in rows)]
+    _lines(out / "bias.png", "community bias and EN<->ES retrieval (central held-out set)",
+          {k: _series(rows, "central", k) for k in bias_keys}, "value")
+
+    private = any(r.get("privacy") for r in rows)
+    lines = [f"# Federated run: {run_dir.name}", ""]
+    header = ["round", "sites", "rejected", "loss", *[f"zero-shot {lang}" for lang in langs], *bias_keys,
+              *(["epsilon (max over sites)"] if private else []), "seconds"]
+    table = []
+    for r in rows:
+        central, train = r.get("central") or {}, r.get("train") or {}
+        table.append([r["round"], ", ".join(r.get("sites", [])), ", ".join(r.get("rejected", [])) or "-",
+                      train.get("train_loss"), *[central.get(f"zeroshot_{lang}") for lang in langs],
+                      *[central.get(k) for k in bias_keys],
+                      *([max((p["epsilon"] for p in (r.get("privacy") or {}).values()), default=None)] if private else []),
+                      f"{r.get('seconds', 0.0):.1f}"])
+    lines += _table(header, table)
+    lines += ["", "![losses](losses.png)", "![zero-shot](zeroshot.png)", "![bias](bias.png)", ""]
+    if private:
+        lines += privacy_section(rows)
+    final = run_dir / "model" / "eval" / "eval.json"
+    if final.is_file():
+        results = json.loads(final.read_text())
+        lines += ["## Final model (exported to `model/`)", "", format_eval_markdown(results), ""]
+        tsne = final.parent / "tsne_text.png"
+        if tsne.is_file():
+            shutil.copy(tsne, out / "tsne_text.png")
+            lines += ["![t-SNE of report embeddings](tsne_text.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def privacy_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Each site's spent epsilon (its last release in this run) and what it covers."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        for site, p in (r.get("privacy") or {}).items():
+            last[site] = {**p, "round": r["round"]}
+    lines = ["## Differential privacy (update-level, at each site)", ""]
+    lines += _table(["site", "epsilon (this run)", "epsilon (all releases of its data)", "delta", "releases",
+                     "noise multiplier", "clip"],
+                    [[site, p["epsilon"], p["epsilon_all_runs"], f"{p['delta']:g}", int(p["releases"]),
+                      p["noise_multiplier"], f"{p['clip']:g}"] for site, p in sorted(last.items())])
+    lines += ["", "Each site clipped its update to the L2 norm `clip` and added Gaussian noise of std "
+              "`noise multiplier x clip` before it left the site; epsilon is (epsilon, delta)-DP for each record and "
+              "for the site's data as a whole, against everyone who saw its updates, the coordinator included "
+              "(RDP accounting, sensitivity 2 x clip).",
+              f"Not covered by epsilon: {'; '.join(NOT_COVERED)}. Token-usage rows were not sent.", ""]
+    return lines
+
+
+def write_pipeline_report(out: Path, results: dict[str, Any], variants: Sequence[str]) -> Path:
+    """``report.md`` and ``bias.png``: the stages' summaries and community bias per stage."""
+    vocab = results["vocab"]
+    lines = [f"# Federated pipeline ({results['data']}, {results['pairs_per_site']} pairs per site)", "",
+             "## Vocabulary stage", "",
+             f"{vocab['vocab_size']} tokens (sha256 {vocab['sha256'][:12]}...), from the word counts of "
+             f"{', '.join(f'{s} ({r})' for s, r in vocab['sites'].items())}; words received per language: "
+             f"{vocab['words_received']}.", "", "## MLM stage", "", "| round | mean MLM loss of the sites |", "|---|---|"]
+    lines = lines[:-2] + _table(["round", "mean MLM loss of the sites"],
+                                [[i, r.get("train_mlm_loss")] for i, r in enumerate(results["mlm"], start=1)])
+    rows = [("after MLM only", "F_l [CLS]", results["after_mlm"], {})]
+    for v in variants:
+        res = results[f"vlp-{v}"]
+        rows.append((f"VLP federated-{v}, CTR on", "F_l [CLS]", res["bias"]["encoder"], res))
+        rows.append((f"VLP federated-{v}, CTR on", f"P_l ({res['meta']['eval_norm']} norm)", res["bias"]["text"], res))
+    header = ["stage", "embedding", "mean dist / spread", "silhouette (lang)", "lang-ID acc", "R@1", "R@5",
+              "zero-shot en", "zero-shot es"]
+    lines += ["", "## Community bias, measured (lower = less language clustering)", ""]
+    lines += _table(header, [[name, emb, *(bias.get(k) for k in BIAS_KEYS),
+                              ((res.get("retrieval") or {}).get("mean") or {}).get("R@1"),
+                              ((res.get("retrieval") or {}).get("mean") or {}).get("R@5"),
+                              ((res.get("zeroshot") or {}).get("en") or {}).get("macro_auc"),
+                              ((res.get("zeroshot") or {}).get("es") or {}).get("macro_auc")]
+                             for name, emb, bias, res in rows])
+    chance = next(((results[f"vlp-{v}"].get("retrieval") or {}).get("mean", {}) for v in variants), {})
+    lines += ["", f"F_l [CLS]: the text encoder's features; P_l: the report embedding. Chance levels: language-ID "
+                  f"probe {_fmt(results['after_mlm'].get('lang_id_chance'))}, EN<->ES retrieval R@1 "
+                  f"{_fmt(chance.get('chance@1'))}, R@5 {_fmt(chance.get('chance@5'))}.", "",
+              "![community bias](bias.png)", ""]
+    labels = [f"{n.replace('VLP federated-', 'VLP ').replace(', CTR on', '')}\n{e.split(' (')[0]}" for n, e, _, _ in rows]
+    _bars(out / "bias.png", labels, {title: [b.get(key) or 0.0 for _, _, b, _ in rows] for key, title in
+                                     zip(BIAS_KEYS[:2], ("distance between language means / spread",
+                                                         "silhouette by language"))})
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
