@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 from flwr.app import Context
@@ -32,13 +31,18 @@ app = ServerApp()
 
 
 
+class RunStopped(Exception):
+    """A run that cannot go on. Its one-line reason is logged first; Flower marks the run
+    failed with it (``flwr ls``), and the traceback it prints is this one frame."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
         run(grid, context.run_config)
     except MedunicError as exc:
         log.error("medunic: %s", exc)
-        sys.exit(exc.exit_code)
+        raise RunStopped(f"medunic: {exc}") from None
 
 
 def run(grid: Grid, run_config) -> Path:

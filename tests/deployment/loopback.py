@@ -160,7 +160,8 @@ class Loopback:
         overrides = [*self.train_overrides(self.data, self.tmp / "unused"), f"fed.out_dir={self.out}",
                      "fed.expected_sites=2", "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]", "eval.tsne=false",
                      f"data.cache_dir={self.tmp / 'cache-server'}", *extra]
-        return {"preset": "tiny", "overrides": json.dumps(overrides), "sites": "", "tokenizer": str(self.tokenizer),
+        return {"stage": "vlp", "preset": "tiny", "overrides": json.dumps(overrides), "sites": "",
+                "tokenizer": str(self.tokenizer),
                 "registry": str(self.state / REGISTRY_FILE)}
 
     def run(self, *extra: str) -> int:
