@@ -20,6 +20,7 @@ weights, calls medunic_core and replies with what may leave a site (medunic_core
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import numpy as np
@@ -28,7 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.records import arrays_record, record_arrays
-from client.site import device, resolve_site, site_cache, site_config, site_tokenizer
+from client.site import Site, check_encoder, device, resolve_site, site_cache, site_config, site_tokenizer
 from medunic_core import __version__
 from medunic_core.align import AlignmentState, community_statistics
 from medunic_core.data.dataset import prepare_images
@@ -36,6 +37,8 @@ from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
 from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
 from medunic_core.federation import payload as P
+from medunic_core.federation.audit import audit_entry
+from medunic_core.federation.replies import Content
 from medunic_core.federation.stages import MLM, VLP, stage_model
 from medunic_core.local import collect_statistics, site_records, train_site
 from medunic_core.mlm import train_mlm_site
@@ -55,6 +58,7 @@ class _Setup:
         config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
         self.cfg = site_config(context.run_config, context.node_config, config.get(P.STAGE_OVERRIDES))
         self.site = resolve_site(context.run_config, context.node_config, self.cfg)
+        check_encoder(self.cfg, context.node_config, str(config.get(P.ENCODER_SHA, "")))
         self.round = int(config.get(P.SERVER_ROUND, 0))
         version = str(config.get(P.APP_VERSION, __version__))
         if version != __version__:
@@ -73,40 +77,57 @@ class _Setup:
             self.received = record_arrays(msg.content[P.ARRAYS], np.float32)
             load_arrays(self.model, self.received, keep)
 
-    def identity(self) -> ConfigRecord:
-        return ConfigRecord({P.SITE_NAME: self.site.name, P.COMMUNITY: self.site.lang})
+
+def _send(msg: Message, site: Site, content: Content) -> Message:
+    """The reply, packed from plain data (the one place a site builds a Flower reply), after
+    its description went to the site's audit log (medunic_core.federation.audit)."""
+    config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
+    site.state.audit(audit_entry(content, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), run=msg.metadata.run_id,
+                                 round=int(config.get(P.SERVER_ROUND, 0)), message_type=msg.metadata.message_type,
+                                 site=site.name))
+    records: dict = {name: arrays_record(arrays) for name, arrays in content.arrays.items()}
+    records.update({name: MetricRecord(metrics) for name, metrics in content.metrics.items()})
+    records.update({name: ConfigRecord(values) for name, values in content.configs.items()})
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def _identity(site: Site) -> dict[str, str]:
+    return {P.SITE_NAME: site.name, P.COMMUNITY: site.lang}
 
 
 def _privacy(s: _Setup) -> Optional[tuple[float, ReleaseLedger]]:
     """Update-level DP of this round, when the run asks for it or the site's budget requires
     it: (noise multiplier, the site's ledger). Refused here, before training, when the
-    site's budget allows no release."""
+    site's budget allows no release or its ledger was lost."""
     budget = (s.site.dp_max_epsilon, s.site.dp_max_delta)
     if not s.cfg.dp.updates.enabled and budget == (None, None):
         return None
-    ledger = ReleaseLedger(s.site.ledger)
+    s.site.state.check_ledger()
+    ledger = ReleaseLedger(s.site.state.ledger)
     return check_release(s.cfg.dp.updates, s.cfg.fed.rounds, ledger, s.round, s.site.name, *budget), ledger
 
 
 def _update_reply(msg: Message, context: Context, s: _Setup, metrics: dict, token_rows: np.ndarray,
                   extra: dict, privacy: Optional[tuple[float, ReleaseLedger]]) -> Message:
     """The reply of a training round: the weights (clipped and noised under update DP, with
-    a ``privacy`` record instead of the token-row flags), metrics, the site and ``extra``."""
+    a ``privacy`` record instead of the token-row flags), metrics, the site and ``extra``
+    (array records)."""
     trained = model_arrays(s.model)
     if s.cfg.fed.bn == "local":
         context.state[LOCAL_BN] = arrays_record({k: v for k, v in trained.items() if is_batchnorm_entry(s.model, k)})
-    content = {P.METRICS: MetricRecord(metrics), P.SITE: s.identity(), **extra}
+    content = Content(arrays=dict(extra), metrics={P.METRICS: metrics}, configs={P.SITE: _identity(s.site)})
     if privacy is not None:
         noise, ledger = privacy
         trained, spent = release_update(s.received, trained, s.cfg.dp.updates, noise, ledger, s.run_key, s.round)
+        s.site.state.note_releases(len(ledger.releases))
         for k, v in trained.items():  # post-processing, free under DP: a noised variance stays a variance
             if k.endswith(".running_var"):
                 np.maximum(v, 0.0, out=v)
-        content[P.PRIVACY] = ConfigRecord(spent)
+        content.configs[P.PRIVACY] = spent
     else:
-        content[P.USAGE] = arrays_record({P.TOKEN_ROWS: token_rows.astype(np.uint8)})
-    wire = {k: v.astype(P.WIRE_DTYPES[s.cfg.fed.wire_dtype]) for k, v in trained.items()}
-    return Message(RecordDict({P.ARRAYS: arrays_record(wire), **content}), reply_to=msg)
+        content.arrays[P.USAGE] = {P.TOKEN_ROWS: token_rows.astype(np.uint8)}
+    content.arrays[P.ARRAYS] = {k: v.astype(P.WIRE_DTYPES[s.cfg.fed.wire_dtype]) for k, v in trained.items()}
+    return _send(msg, s.site, content)
 
 
 @app.train()
@@ -119,8 +140,7 @@ def train(msg: Message, context: Context) -> Message:
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
     metrics = {P.NUM_EXAMPLES: result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
-    return _update_reply(msg, context, s, metrics, result.token_rows,
-                         {P.ALIGN: arrays_record(result.alignment.to_flat())}, privacy)
+    return _update_reply(msg, context, s, metrics, result.token_rows, {P.ALIGN: result.alignment.to_flat()}, privacy)
 
 
 @app.train(P.MLM)
@@ -143,9 +163,7 @@ def stats(msg: Message, context: Context) -> Message:
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     batches = int(msg.content[P.CONFIG].get(P.BATCHES, 4))
     state = collect_statistics(s.model, records, s.cache, s.tokenizer, s.cfg, batches, s.device)
-    return Message(
-        RecordDict({P.ALIGN: arrays_record(state.to_flat()), P.SITE: s.identity()}), reply_to=msg
-    )
+    return _send(msg, s.site, Content(arrays={P.ALIGN: state.to_flat()}, configs={P.SITE: _identity(s.site)}))
 
 
 @app.query(P.COMMUNITY_STATS)
@@ -155,9 +173,7 @@ def community(msg: Message, context: Context) -> Message:
     encoder = Encoder(s.model.to(s.device), s.tokenizer, s.cfg, s.device)
     feats = torch.as_tensor(encoder.texts([r.report for r in records])[1], device=s.device)
     state = community_statistics(s.model, feats, [r.lang for r in records])
-    return Message(
-        RecordDict({P.ALIGN: arrays_record(state.to_flat()), P.SITE: s.identity()}), reply_to=msg
-    )
+    return _send(msg, s.site, Content(arrays={P.ALIGN: state.to_flat()}, configs={P.SITE: _identity(s.site)}))
 
 
 @app.evaluate()
@@ -177,9 +193,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {P.NUM_EXAMPLES: len(test), "zeroshot_auc": float(zs["macro_auc"] or 0.0)}
     if "retrieval" in results:
         metrics.update({f"retrieval_{k}": float(v) for k, v in results["retrieval"]["mean"].items()})
-    return Message(
-        RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: s.identity()}), reply_to=msg
-    )
+    return _send(msg, s.site, Content(metrics={P.METRICS: metrics}, configs={P.SITE: _identity(s.site)}))
 
 
 @app.query(P.VOCAB)
@@ -189,8 +203,8 @@ def vocab(msg: Message, context: Context) -> Message:
     site = resolve_site(context.run_config, context.node_config, cfg)
     records = site_records(cfg, site.name, site.lang, "train", site.manifest)
     counts = site_word_counts(cfg.vocab, [(r.report, r.lang) for r in records], cfg.model.text.max_length)
-    content = RecordDict({P.SITE: ConfigRecord({P.SITE_NAME: site.name, P.COMMUNITY: site.lang})})
+    content = Content(configs={P.SITE: _identity(site)})
     for lang, (df, reports) in counts.items():
         words = sorted(df)
-        content[f"{P.VOCAB_PREFIX}{lang}"] = ConfigRecord({P.WORDS: words, P.DF: [df[w] for w in words], P.REPORTS: reports})
-    return Message(content, reply_to=msg)
+        content.configs[f"{P.VOCAB_PREFIX}{lang}"] = {P.WORDS: words, P.DF: [df[w] for w in words], P.REPORTS: reports}
+    return _send(msg, site, content)

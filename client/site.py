@@ -12,6 +12,9 @@ manifest and tokenizer. Either way nothing about a site is ever written in code.
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +25,8 @@ import torch
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import LANGUAGES
 from medunic_core.data.preprocess import ImageCache
-from medunic_core.errors import ConfigError
+from medunic_core.errors import ConfigError, PrivacyBudgetError
+from medunic_core.export import folder_sha256
 from medunic_core.federation.runconfig import parse_sites, run_overrides, stage_overrides
 from medunic_core.vocab import load_tokenizer
 
@@ -35,7 +39,86 @@ def site_config(run_config: Mapping[str, Any], node_config: Mapping[str, Any], r
     if extra and "site" in node_config:
         raise ConfigError(f"site '{node_config['site']}': the coordinator sent stage overrides {extra[:2]}, which "
                           "only simulated sites take; run the stages as separate runs (`medunic server run --stage`)")
+    if "text-encoder" in node_config:  # a deployment site's own copy of the run's MLM text encoder
+        extra.append(f"model.text.pretrained={node_config['text-encoder']}")
     return load_config(str(run_config.get("preset", "tiny") or "tiny"), [*run_overrides(run_config), *extra])
+
+
+def check_encoder(cfg: MedUniCConfig, node_config: Mapping[str, Any], expected_sha: str) -> None:
+    """A deployment site starts from its own copy of the run's MLM text encoder, refused unless
+    it is the coordinator's (same SHA-256), before anything is built from it."""
+    if "site" not in node_config or not cfg.model.text.pretrained:
+        return
+    site = node_config["site"]
+    if "text-encoder" not in node_config:
+        raise ConfigError(f"site '{site}': this run starts from the federation's MLM text encoder (sha256 "
+                          f"{expected_sha[:12]}...); copy it to the site and start the daemon with --text-encoder DIR")
+    try:
+        found = folder_sha256(node_config["text-encoder"])
+    except FileNotFoundError as exc:
+        raise ConfigError(f"site '{site}': text encoder {exc}") from None
+    if found != expected_sha:
+        raise ConfigError(f"site '{site}': its text encoder {node_config['text-encoder']} has sha256 {found[:12]}..., "
+                          f"the run's has {expected_sha[:12]}...; copy the coordinator's folder again")
+
+
+@dataclass(frozen=True)
+class SiteState:
+    """A site's state folder: what must outlive caches, upgrades and restarts (back it up).
+
+    - ``privacy-ledger.json``: every noisy update the site released (medunic_core.privacy);
+    - ``site.json``: the site's marker, with how many releases the ledger held last; a marker
+      that counts releases next to a missing ledger means the budget's history was lost, and
+      the site refuses to train until the operator says so (``--reset-privacy-ledger``);
+    - ``audit.jsonl``: one line per message the site sent (medunic_core.federation.audit).
+    """
+
+    folder: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.folder / "privacy-ledger.json"
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / "site.json"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.folder / "audit.jsonl"
+
+    def _marker(self) -> dict[str, Any]:
+        return json.loads(self.marker.read_text()) if self.marker.is_file() else {}
+
+    def check_ledger(self) -> None:
+        """Refuse when releases were recorded but the ledger holding them is gone."""
+        released = int(self._marker().get("dp_releases", 0))
+        if released and not self.ledger.is_file():
+            raise PrivacyBudgetError(
+                f"{self.ledger} is missing, but this site has released {released} noisy update(s): its privacy "
+                "budget would start again from zero. Restore the file from a backup of the state folder, or "
+                "start the site daemon once with --reset-privacy-ledger to accept the loss")
+
+    def note_releases(self, count: int) -> None:
+        self._write({**self._marker(), "dp_releases": count})
+
+    def reset_ledger(self) -> None:
+        """The operator accepts a lost ledger: the reset is recorded in the marker."""
+        marker = self._marker()
+        resets = [*marker.get("ledger_resets", []), {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                     "releases_lost": int(marker.get("dp_releases", 0))}]
+        self._write({**marker, "dp_releases": 0, "ledger_resets": resets})
+
+    def audit(self, entry: Mapping[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.audit_log.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _write(self, marker: Mapping[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(marker, indent=1))
+        os.replace(tmp, self.marker)
 
 
 @dataclass(frozen=True)
@@ -45,13 +128,13 @@ class Site:
     manifest: str
     cache_dir: str
     tokenizer: str
+    state_dir: str
     dp_max_epsilon: Optional[float] = None
     dp_max_delta: Optional[float] = None
 
     @property
-    def ledger(self) -> Path:
-        """The site's record of released noisy updates (medunic_core.privacy.ReleaseLedger)."""
-        return Path(self.cache_dir) / "privacy" / f"{self.name}.json"
+    def state(self) -> SiteState:
+        return SiteState(Path(self.state_dir))
 
 
 def _budget(node_config: Mapping[str, Any], key: str) -> Optional[float]:
@@ -70,7 +153,7 @@ def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
     """This node's site from its node config (deployment) or its partition (simulation)."""
     tokenizer = str(node_config.get("tokenizer") or cfg.train.tokenizer or "")
     if "site" in node_config:
-        missing = [k for k in ("lang", "data-path") if k not in node_config]
+        missing = [k for k in ("lang", "data-path", "state-dir") if k not in node_config]
         if missing:
             raise ConfigError(f"node config of site '{node_config['site']}' lacks {missing}")
         lang = str(node_config["lang"])
@@ -78,7 +161,7 @@ def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
             raise ConfigError(f"node config lang '{lang}' is not one of {LANGUAGES}")
         return Site(
             str(node_config["site"]), lang, str(node_config["data-path"]),
-            str(node_config.get("cache-dir", cfg.data.cache_dir)), tokenizer,
+            str(node_config.get("cache-dir", cfg.data.cache_dir)), tokenizer, str(node_config["state-dir"]),
             _budget(node_config, "dp-max-epsilon"), _budget(node_config, "dp-max-delta"),
         )
     if "partition-id" not in node_config:
@@ -87,8 +170,8 @@ def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
     pid = int(node_config["partition-id"])
     if pid >= len(sites):
         raise ConfigError(f"partition {pid} has no site: run config 'sites' lists {len(sites)}")
-    name, lang = sites[pid]
-    return Site(name, lang, cfg.data.manifest, cfg.data.cache_dir, tokenizer)
+    name, lang = sites[pid]  # a simulated site keeps its state beside the shared cache
+    return Site(name, lang, cfg.data.manifest, cfg.data.cache_dir, tokenizer, str(Path(cfg.data.cache_dir) / "state" / name))
 
 
 @lru_cache(maxsize=4)

@@ -12,6 +12,7 @@ The export folder is at once:
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -55,3 +56,16 @@ def export_model(
         out / "heads.pt",
     )
     return out
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """SHA-256 of a folder's files (relative names and bytes, sorted): how a site checks that
+    its copy of an artefact (the MLM text encoder) is the coordinator's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}|{path.stat().st_size}|".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -37,7 +37,7 @@ from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError, FederationError
 from medunic_core.evaluation.run import evaluate, evaluate_model
 from medunic_core.exchange import load_arrays
-from medunic_core.export import export_model
+from medunic_core.export import export_model, folder_sha256
 from medunic_core.federation import payload as P
 from medunic_core.federation.replies import check_alignment_reply, check_evaluate_reply, check_vocab_reply
 from medunic_core.federation.runconfig import run_overrides
@@ -124,10 +124,14 @@ class _Stage:
                               "the vocab stage), or stage=all to make it")
         self.tokenizer = load_tokenizer(self.cfg.train.tokenizer)
         self.vocab_sha = vocab_sha256(self.tokenizer)
+        pretrained = self.cfg.model.text.pretrained
+        self.encoder_sha = folder_sha256(pretrained) if pretrained and self.stage == VLP else ""
         self.model = stage_model(self.cfg, self.tokenizer, self.stage)
         self._invalid: dict[str, dict[str, str]] = {}
 
     def message_config(self, **extra: Any) -> dict[str, Any]:
+        if self.encoder_sha:
+            extra[P.ENCODER_SHA] = self.encoder_sha
         return self.federation.message_config(self.vocab_sha, **extra)
 
     def content(self, arrays: dict[str, np.ndarray], **config: Any) -> RecordDict:
@@ -181,7 +185,8 @@ class MlmStage(_Stage):
         folder = self.out / TEXT_ENCODER_DIR
         self.model.base_model.save_pretrained(folder)
         shutil.copytree(self.cfg.train.tokenizer, self.out / TOKENIZER_DIR, dirs_exist_ok=True)
-        log.info("MLM stage: text encoder in %s; report: %s", folder, write_federated_report(self.out))
+        log.info("MLM stage: text encoder in %s (sha256 %s: copy it to every site, whose daemon prints the same); "
+                 "report: %s", folder, folder_sha256(folder), write_federated_report(self.out))
         return folder
 
 

@@ -21,6 +21,7 @@ VOCAB_PREFIX = "vocab."  # ConfigRecord per language: WORDS, DF, REPORTS (vocabu
 # -- keys -------------------------------------------------------------------------------
 SERVER_ROUND = "server-round"
 VOCAB_SHA = "vocab-sha"
+ENCODER_SHA = "encoder-sha"  # the run's MLM text encoder (medunic_core.export.folder_sha256), when it has one
 APP_VERSION = "app-version"
 RUN_KEY = "run-key"
 BATCHES = "batches"  # statistics pass: how many batches

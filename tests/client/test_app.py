@@ -138,7 +138,7 @@ def test_site_privacy_budget_stops_releases(run_config, fed_tokenizer, synthetic
     from medunic_core.privacy import UPDATE_SENSITIVITY, rdp_epsilon
 
     node = {"site": "en-1", "lang": "en", "data-path": str(synthetic_data), "cache-dir": str(tmp_path / "cache"),
-            "tokenizer": str(fed_tokenizer), "dp-max-epsilon": 0.0}
+            "state-dir": str(tmp_path / "state"), "tokenizer": str(fed_tokenizer), "dp-max-epsilon": 0.0}
     noise = 2.0
     one = rdp_epsilon([(noise / UPDATE_SENSITIVITY, 1.0, 1)], 1e-5)
     two = rdp_epsilon([(noise / UPDATE_SENSITIVITY, 1.0, 2)], 1e-5)
