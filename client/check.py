@@ -105,7 +105,7 @@ def check_site(
             detected = detect_language(rec.report)
             if detected is not None and detected != language:
                 bad.append(Problem("wrong language", row, rec.id, rec.image_path,
-                                   f"the report reads as '{detected}': {rec.report[:60]!r}"))
+                                   f"the report reads as '{detected}'"))
         key = str(Path(rec.image_path).resolve())
         if key in seen_images:
             bad.append(Problem("duplicate image", row, rec.id, rec.image_path, f"also used by id {seen_images[key]}"))

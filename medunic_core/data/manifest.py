@@ -48,20 +48,31 @@ class RowProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"row {self.row} (id={self.id or '?'}): {self.message}"
+        rid = self.id if len(self.id) <= 64 else f"<{len(self.id)} characters>"
+        return f"row {self.row} (id={rid or '?'}): {self.message}"
+
+
+def shown(value: object) -> str:
+    """A cell value fit for a log line: short values as they are, anything longer only by its
+    length. A shifted column can put report text anywhere, and reports must not reach logs."""
+    text = str(value)
+    return repr(text) if len(text) <= 12 and "\n" not in text else f"a value of {len(text)} characters"
 
 
 def _parse_labels(value: object) -> dict[str, int]:
     if value in (None, ""):
         return {}
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"labels ({shown(value)}) are not a JSON object of finding -> 0/1") from None
     if not isinstance(value, dict):
-        raise ValueError(f"labels must be a JSON object of finding -> 0/1, got {value!r}")
+        raise ValueError(f"labels must be a JSON object of finding -> 0/1, got a {type(value).__name__}")
     out = {}
     for k, v in value.items():
         if v not in (0, 1):
-            raise ValueError(f"label {k!r} must be 0 or 1, got {v!r}")
+            raise ValueError(f"label {shown(k)} must be 0 or 1, got {shown(v)}")
         out[str(k)] = int(v)
     return out
 
@@ -140,17 +151,17 @@ def parse_manifest(
             continue
         lang, split = str(row["lang"]).strip(), str(row["split"]).strip()
         if lang not in allowed_langs:
-            problems.append(RowProblem(row_no, rid, f"language {lang!r} not in {sorted(allowed_langs)}"))
+            problems.append(RowProblem(row_no, rid, f"language {shown(lang)} not in {sorted(allowed_langs)}"))
             continue
         if split not in SPLITS:
-            problems.append(RowProblem(row_no, rid, f"split {split!r} not in {list(SPLITS)}"))
+            problems.append(RowProblem(row_no, rid, f"split {shown(split)} not in {list(SPLITS)}"))
             continue
         if rid in seen:
             problems.append(RowProblem(row_no, rid, "duplicate id"))
             continue
         try:
             labels = _parse_labels(row.get("labels"))
-        except (ValueError, json.JSONDecodeError) as exc:
+        except ValueError as exc:
             problems.append(RowProblem(row_no, rid, f"bad labels: {exc}"))
             continue
         image = Path(str(row["image_path"]))
@@ -184,10 +195,10 @@ def read_manifest(
         if len(problems) <= 3:  # one line names them all
             raise SiteDataError(f"manifest {path}: {len(problems)} of {total} rows are bad: "
                                 + "; ".join(str(p) for p in problems))
-        shown = "\n  ".join(str(p) for p in problems[:20])
+        listed = "\n  ".join(str(p) for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise SiteDataError(
-            f"manifest {path}: {len(problems)} of {total} rows are bad:\n  {shown}{more}"
+            f"manifest {path}: {len(problems)} of {total} rows are bad:\n  {listed}{more}"
         )
     if split is not None:
         records = [r for r in records if r.split == split]
