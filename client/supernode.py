@@ -27,11 +27,14 @@ import argparse
 import hashlib
 import importlib
 import io
+import logging
 import sys
 import tomllib
 import zipfile
 from functools import lru_cache
 from logging import ERROR, INFO
+from logging.handlers import TimedRotatingFileHandler
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flwr
@@ -150,7 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f"client.supernode wraps flwr {PINNED_FLWR}; this environment has {flwr.__version__}")
     parser = argparse.ArgumentParser(prog="python -m client.supernode", add_help=False)
     parser.add_argument("--allow-app", action="append", default=[], help="an extra allowed FAB sha256 (repeat)")
+    parser.add_argument("--log-file", default=None, help="also log to this file, rotated daily (14 kept)")
     ours, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if ours.log_file:
+        Path(ours.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = TimedRotatingFileHandler(ours.log_file, when="midnight", backupCount=14, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("flwr").addHandler(handler)
     try:
         allowed = allowed_apps(ours.allow_app)
     except ConfigError as exc:

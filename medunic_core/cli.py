@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from medunic_core import __version__
 from medunic_core.errors import MedunicError
 
 # Offline and quiet by default: hospitals and CI have no hub access and no wandb login.
@@ -52,6 +53,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser; with ``command`` only that sub-command's plugin is imported (fast start)."""
     parser = argparse.ArgumentParser(prog="medunic", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"medunic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sorted(entry_points(group="medunic.commands"), key=lambda e: e.name)
     chosen = [ep for ep in plugins if ep.name == command] or plugins

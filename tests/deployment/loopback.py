@@ -8,7 +8,6 @@ also when the test fails."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from client.daemon import SiteSettings
 from client.daemon import start as start_site
 from client.keys import create_site_keys
 from server import coordinator
@@ -139,7 +139,8 @@ class Loopback:
 
     # -- coordinator --------------------------------------------------------------------
     def start_link(self) -> subprocess.Popen:
-        self.link = coordinator.start(str(self.certs), "127.0.0.1", self.port, self.control_port, str(self.state), False)
+        self.link = coordinator.start(coordinator.CoordinatorSettings(str(self.certs), "127.0.0.1", self.port,
+                                                                    self.control_port, str(self.state)))
         self.started.append(self.link)
         wait_port(self.port)
         return self.link
@@ -167,7 +168,7 @@ class Loopback:
     def run(self, *extra: str) -> int:
         """``medunic server run`` with the run config: the exit code of ``flwr run``."""
         self.runs += 1
-        return coordinator.run(self.run_config(*extra), timeout=60, log_file=self.tmp / f"run-{self.runs}.log")
+        return coordinator.run(self.run_config(*extra), str(self.state), timeout=60, log_file=self.tmp / f"run-{self.runs}.log")
 
     def run_in_background(self, *extra: str) -> Callable[[float], Optional[int]]:
         """Start :meth:`run` in a thread; returns ``wait(timeout)`` -> exit code (None: still running)."""
@@ -203,28 +204,22 @@ class Loopback:
         """``medunic client start`` for ``site`` with the SuperNode key ``key`` (default: its own)."""
         port = free_port()
         self.ports.append(port)
-        args = argparse.Namespace(
-            superlink=f"127.0.0.1:{self.port}", site=site, language=SITES[site], data=str(self.data),
-            tokenizer=str(self.tokenizer), cache=str(self.tmp / f"cache-{key or site}"), ca=str(self.certs / "ca.crt"),
-            key=str(self.keys / (key or site)), port=port, max_bad=0.05, insecure=False,
-            dp_max_epsilon=None, dp_max_delta=None, allow_app=[], log=str(self.site_log(key or site)),
-        )
-        saved = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = str(self.site_home(key or site))  # the site's own Flower folder (installed apps)
-        try:
-            proc = start_site(args)
-        finally:
-            if saved is None:
-                os.environ.pop("FLWR_HOME", None)
-            else:
-                os.environ["FLWR_HOME"] = saved
+        name = key or site
+        settings = SiteSettings(site, SITES[site], str(self.data), f"127.0.0.1:{self.port}", str(self.tokenizer),
+                                ca=str(self.certs / "ca.crt"), key=str(self.keys / name),
+                                state=str(self.site_state(name)), cache=str(self.tmp / f"cache-{name}"), port=port)
+        proc = start_site(settings, log=str(self.site_log(name)))
         self.started.append(proc)
         if key is None:
             self.sites[site] = proc
         return proc
 
+    def site_state(self, site: str) -> Path:
+        return self.tmp / f"state-{site}"
+
     def site_home(self, site: str) -> Path:
-        return self.tmp / f"flwr-home-{site}"
+        """The site's own Flower folder (installed apps): in its state folder."""
+        return self.site_state(site) / "flwr"
 
     def site_log(self, site: str) -> Path:
         return self.tmp / f"site-{site}.log"

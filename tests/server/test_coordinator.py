@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from medunic_core.cli import main
 from medunic_core.errors import ConfigError, MedunicError
 from server import coordinator
 from server.certs import create_ca
@@ -56,5 +57,25 @@ def test_server_start_fails_loudly_when_its_certificate_does_not_cover_loopback(
     (certs / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                          serialization.NoEncryption()))
     with pytest.raises(MedunicError, match="does not verify for 127.0.0.1"):
-        coordinator.start(str(certs), "127.0.0.1", free_port(), free_port(), str(tmp_path / "state"), False)
+        coordinator.start(coordinator.CoordinatorSettings(str(certs), "127.0.0.1", free_port(), free_port(),
+                                                        str(tmp_path / "state")))
     assert not (tmp_path / "flwr" / "config.toml").exists()  # no connection to a SuperLink that does not work
+
+
+def test_server_init_writes_a_config_that_start_and_the_operator_commands_read(tmp_path, capsys):
+    config, unit = tmp_path / "coordinator.toml", tmp_path / "medunic-server.service"
+    assert main(["server", "init", "--certs", str(tmp_path / "certs"), "--host", "10.0.0.5", "--port", "9443",
+                 "--state", str(tmp_path / "state"), "--out", str(config), "--systemd-unit", str(unit)]) == 0
+    settings = coordinator.CoordinatorSettings.load(config)
+    assert (settings.host, settings.port, settings.control_port) == ("10.0.0.5", 9443, 9093)
+    text = unit.read_text()
+    assert f"server start --config {config.resolve()}" in text and "User=medunic" in text
+    assert f"ReadWritePaths={(tmp_path / 'state').resolve()}" in text
+    # the operator's commands find the state folder through the same file
+    assert main(["server", "status", "--config", str(config)]) == 2
+    assert "no SuperLink was started" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("9443", "9093"))
+    with pytest.raises(ConfigError, match="port and control-port are both 9093"):
+        coordinator.CoordinatorSettings.load(config)
+    assert main(["server", "init", "--user", "root", "--out", str(tmp_path / "b.toml"),
+                 "--systemd-unit", str(tmp_path / "b.service")]) == 2  # never a root service
