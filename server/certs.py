@@ -104,15 +104,21 @@ def create_server_cert(out: Path, hosts: Sequence[str], ca: x509.Certificate, ca
     return cert
 
 
-def create_all(out: str | Path, hosts: Sequence[str], force: bool = False) -> Path:
-    """CA (reused when present and not forced) and a server certificate for ``hosts``."""
+def create_all(out: str | Path, hosts: Sequence[str], force: bool = False, renew: bool = False) -> Path:
+    """CA (reused when present and not forced) and a server certificate for ``hosts``.
+
+    ``renew``: keep the CA (the sites' ``ca.crt`` stays valid) and replace only the server
+    certificate and key, e.g. before the 825 days run out."""
     out = Path(out)
-    if (out / "ca.crt").exists() and (out / "ca.key").exists() and not force:
+    have_ca = (out / "ca.crt").exists() and (out / "ca.key").exists()
+    if renew and not have_ca:
+        raise ConfigError(f"--renew keeps the CA, but {out / 'ca.crt'} or {out / 'ca.key'} is missing")
+    if have_ca and (renew or not force):
         ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
         ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
     else:
         ca, ca_key = create_ca(out, force)
-    create_server_cert(out, hosts, ca, ca_key, force)  # type: ignore[arg-type]
+    create_server_cert(out, hosts, ca, ca_key, force or renew)  # type: ignore[arg-type]
     return out
 
 
@@ -122,12 +128,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", action="append", default=[],
                         help="host name or IP the sites dial (repeat; goes into the certificate's SAN, "
                              "with 127.0.0.1 and localhost)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing key material")
+    parser.add_argument("--force", action="store_true", help="overwrite existing key material, the CA included")
+    parser.add_argument("--renew", action="store_true",
+                        help="a new server certificate from the existing CA (sites keep their ca.crt)")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    out = create_all(args.out, args.host, args.force)
+    out = create_all(args.out, args.host, args.force, args.renew)
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         print(f"{oct(path.stat().st_mode & 0o777)}  {path}")
+    for name in ("ca.crt", "server.pem"):
+        cert = x509.load_pem_x509_certificate((out / name).read_bytes())
+        print(f"{name} valid until {cert.not_valid_after_utc:%Y-%m-%d}")
     return 0

@@ -38,3 +38,15 @@ def test_existing_keys_are_never_overwritten_without_force(tmp_path):
     assert (tmp_path / "server.key").read_bytes() == before
     create_all(tmp_path, ["localhost"], force=True)
     assert (tmp_path / "server.key").read_bytes() != before
+
+
+def test_renew_replaces_the_server_certificate_and_keeps_the_ca_the_sites_hold(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--renew keeps the CA"):
+        create_all(tmp_path, ["coordinator.example.org"], renew=True)
+    create_all(tmp_path, ["coordinator.example.org"])
+    ca_before, server_before = (tmp_path / "ca.crt").read_bytes(), (tmp_path / "server.pem").read_bytes()
+    assert main(["certs", "--out", str(tmp_path), "--host", "coordinator.example.org", "--renew"]) == 0
+    assert "server.pem valid until" in capsys.readouterr().out
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before and (tmp_path / "server.pem").read_bytes() != server_before
+    ca = x509.load_pem_x509_certificate(ca_before)
+    x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes()).verify_directly_issued_by(ca)
