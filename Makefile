@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 # files are read (never imported), so it is installed without its dependencies.
 PUBLIC_TEXT := torchxrayvision==1.5.7
 
-.PHONY: setup public-text demo pipeline test test-slow bench clean
+.PHONY: setup public-text demo pipeline test test-slow bench wheelhouse clean
 
 setup: $(STAMP)
 
@@ -39,9 +39,13 @@ test: setup
 test-slow: public-text
 	$(PY) -m pytest -m slow
 
+# every wheel a site needs on this platform, hashed, with install-offline.sh (docs/deployment.md)
+wheelhouse: setup
+	bash scripts/wheelhouse.sh wheelhouse
+
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/data_pipeline.py
 
 clean:
-	rm -rf runs cache data/synthetic data/federated-* data/public-text-* wandb .pytest_cache .flwr .flwr-test
+	rm -rf wheelhouse runs cache data/synthetic data/federated-* data/public-text-* wandb .pytest_cache .flwr .flwr-test
