@@ -43,6 +43,7 @@ from medunic_core.federation.stages import MLM, VLP, stage_model
 from medunic_core.local import collect_statistics, site_records, train_site
 from medunic_core.mlm import train_mlm_site
 from medunic_core.privacy import ReleaseLedger, check_release, release_update
+from medunic_core.round_state import RoundState
 from medunic_core.vocab import site_word_counts
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ def train(msg: Message, context: Context) -> Message:
     if P.ALIGN in msg.content.array_records:
         others = AlignmentState.from_flat(record_arrays(msg.content[P.ALIGN]))
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
-    result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device)
+    result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device,
+                        carried=RoundState(s.site.state_dir, s.run_key, VLP))
     metrics = {P.NUM_EXAMPLES: result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
     return _update_reply(msg, context, s, metrics, result.token_rows, {P.ALIGN: result.alignment.to_flat()}, privacy)
 
@@ -151,7 +153,8 @@ def train_mlm(msg: Message, context: Context) -> Message:
                           "DP at the site) or run `medunic mlm` with dp.sgd at one site")
     privacy = _privacy(s)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
-    result, token_rows = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device)
+    result, token_rows = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device,
+                                        carried=RoundState(s.site.state_dir, s.run_key, MLM))
     metrics = {P.NUM_EXAMPLES: result.num_examples, "train_mlm_loss": result.metrics["loss"],
                "train_lr": result.metrics["lr"]}
     return _update_reply(msg, context, s, metrics, token_rows, {}, privacy)

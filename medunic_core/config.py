@@ -128,6 +128,7 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # tokenizer folder; None builds one in out_dir/tokenizer
     epochs: int = 50
     max_steps: int = -1  # optimizer steps; > 0 overrides epochs
+    sites: list[str] = field(default_factory=list)  # train on these sites' rows only ([] = all; a one-site baseline)
     batch_size: int = 32
     accum_steps: int = 4
     lr: float = 4e-5
@@ -185,9 +186,11 @@ class FedConfig:
     out_dir: str = "runs/federated"
     rounds: int = 3
     local_steps: int = 50  # optimizer steps per site and round
-    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
+    site_optimizer: str = "keep"  # keep: a site's AdamW moments carry over the rounds of a run; reset: fresh each round
+    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam
     proximal_mu: float = 0.01  # FedProx
     server_lr: float = 0.01  # FedAdam eta
+    server_momentum: float = 0.9  # FedAvgM (server learning rate 1)
     bn: str = "average"  # BatchNorm policy: "average" (FedAvg) or "local" (FedBN: never averaged)
     wire_dtype: str = "float32"  # float32 | float16 for the weights on the wire
     reject_factor: float = 10.0  # an update whose norm exceeds factor x median is rejected
@@ -260,7 +263,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "align.train_norm": ("local", "mixed"),
     "align.eval_norm": ("global", "community"),
     "align.round1": ("stats", "local"),
-    "fed.strategy": ("fedavg", "fedprox", "fedadam"),
+    "fed.strategy": ("fedavg", "fedavgm", "fedprox", "fedadam"),
+    "fed.site_optimizer": ("keep", "reset"),
     "fed.bn": ("average", "local"),
     "fed.wire_dtype": ("float32", "float16"),
 }
@@ -283,7 +287,7 @@ NON_NEGATIVE = (
     "model.text.freeze_layers",
 )
 FRACTIONS = ("train.min_lr_ratio", "data.max_bad_fraction", "mlm.mask_prob", "model.text.dropout",
-             "synth.dicom_fraction", "synth.test_fraction", "synth.val_fraction")
+             "synth.dicom_fraction", "synth.test_fraction", "synth.val_fraction", "fed.server_momentum")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

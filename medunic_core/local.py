@@ -15,18 +15,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from medunic_core.align import Aligner, AlignmentState
+from medunic_core.checkpoint import rng_state, set_rng_state
 from medunic_core.config import MedUniCConfig
-from medunic_core.data.dataset import EpochSampler, EpochStream, PairDataset, TextCollator, prepare_images
+from medunic_core.data.dataset import pair_stream, prepare_images
 from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
-from medunic_core.data.transforms import TwoViewTransform
 from medunic_core.errors import SiteDataError
-from medunic_core.models import MedUniC
 from medunic_core.loop import train_local
-from medunic_core.optim import round_seed
+from medunic_core.models import MedUniC
+from medunic_core.round_state import RoundState
 from medunic_core.train import forward_loss, vlp_stepper
 
 EPOCHS_PER_ROUND = 10_000  # epoch ids of round r start at r * this: distinct shuffles per round
@@ -57,18 +56,6 @@ def site_records(cfg: MedUniCConfig, site: str, lang: str, split: str, manifest:
     return records
 
 
-def _site_loader(records: Sequence[Record], cache: ImageCache, tokenizer, cfg: MedUniCConfig, seed: int):
-    """(sampler, loader) of full training batches of two image views and the reports."""
-    img = cfg.model.image
-    dataset = PairDataset(records, cache, TwoViewTransform(img.size, img.mean, img.std), seed)
-    sampler = EpochSampler(len(dataset), seed)
-    loader = DataLoader(
-        dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=TextCollator(tokenizer, cfg.model.text.max_length), drop_last=True,
-    )
-    return sampler, loader
-
-
 def train_site(
     model: MedUniC,
     records: Sequence[Record],
@@ -79,10 +66,15 @@ def train_site(
     others: Optional[AlignmentState] = None,
     device: torch.device = torch.device("cpu"),
     progress: bool = False,
+    carried: Optional[RoundState] = None,
 ) -> SiteRound:
     """Train ``model`` in place for one round on one community's pairs (medunic_core.loop):
     ``fed.local_steps`` steps at their place on the centralized schedule of ``fed.rounds x
-    fed.local_steps`` steps; with FedProx, the proximal term joins the loss."""
+    fed.local_steps`` steps; with FedProx, the proximal term joins the loss.
+
+    With ``carried`` (medunic_core.round_state) the round continues the site's previous one:
+    its data stream and RNG, and with ``fed.site_optimizer = keep`` its AdamW moments. A
+    one-site federation then trains exactly as centralized training on its data."""
     fed, tr = cfg.fed, cfg.train
     records, _ = prepare_images(records, cache, cfg.data.max_bad_fraction, progress=False)
     langs = {r.lang for r in records}
@@ -90,15 +82,22 @@ def train_site(
         raise SiteDataError(f"a site trains on one language community, got {sorted(langs)}")
     if len(records) < tr.batch_size:
         raise SiteDataError(f"{len(records)} training pairs are fewer than one batch of {tr.batch_size}")
-    sampler, loader = _site_loader(records, cache, tokenizer, cfg, round_seed(tr.seed, server_round))
-    stream = EpochStream(sampler, loader, tr.batch_size, len(loader) // tr.accum_steps * tr.accum_steps,
-                         epoch=server_round * EPOCHS_PER_ROUND)
+    stream = pair_stream(records, cache, tokenizer, tr.batch_size, tr.accum_steps, cfg.model.text.max_length,
+                         cfg.model.image, tr.seed, cfg.data.num_workers)
+    previous = carried.load(server_round) if carried is not None else None
+    if previous is not None:
+        stream.epoch, stream.batch = previous["stream"]
+        set_rng_state(previous["rng"])
+    elif server_round > 1:  # no earlier round here: a fresh order, not round 1's again
+        stream.epoch = server_round * EPOCHS_PER_ROUND
 
     model.to(device).train()
     mode = "mixed" if cfg.align.train_norm == "mixed" and others is not None and others.communities else "local"
     aligner = Aligner(model, mode=mode, others=others, include_image=cfg.align.image)
     first = (server_round - 1) * fed.local_steps
     stepper = vlp_stepper(model, cfg, fed.rounds * fed.local_steps, device, first_step=first)
+    if previous is not None and fed.site_optimizer == "keep":
+        stepper.load_optimizer_state(previous)
     anchor = (
         {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if fed.strategy == "fedprox" and fed.proximal_mu > 0
@@ -117,6 +116,8 @@ def train_site(
     with aligner.attached():
         result = train_local(stream, loss_fn, stepper, fed.local_steps, first_step=first,
                              where=f"round {server_round}", progress=progress)
+    if carried is not None:
+        carried.save(server_round, {**stepper.state_dict(), "stream": (stream.epoch, stream.batch), "rng": rng_state()})
     return SiteRound(result.num_examples, result.metrics, aligner.collected, token_rows)
 
 
@@ -133,14 +134,13 @@ def collect_statistics(
     """A statistics-only pass (``align.round1 = stats``): the alignment sums of a few
     training-mode batches, with no update (BatchNorm running statistics are restored)."""
     records, _ = prepare_images(records, cache, progress=False)
-    _, loader = _site_loader(records, cache, tokenizer, cfg, cfg.train.seed)
+    stream = pair_stream(records, cache, tokenizer, cfg.train.batch_size, 1, cfg.model.text.max_length,
+                         cfg.model.image, cfg.train.seed, cfg.data.num_workers)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device).train()
     aligner = Aligner(model, mode="local", include_image=cfg.align.image)
     with aligner.attached():
-        for i, batch in enumerate(loader):
-            if i >= batches:
-                break
+        for i, batch in zip(range(batches), stream):
             forward_loss(model, batch, cfg, device, aligner=aligner)
     model.load_state_dict(saved)
     return aligner.collected

@@ -62,9 +62,7 @@ def train_local(
     seen = group_seen = micro = done = 0
     lr = stepper.lr
     bar = tqdm(total=steps, desc=where, disable=not progress)
-    for batch in batches:
-        if done >= steps:
-            break
+    for batch in batches if steps > 0 else ():
         parts, n = loss_fn(batch)
         check_finite_loss(parts, f"{where}: step {first_step + done + 1}")
         stepper.backward(parts["loss"])
@@ -82,8 +80,8 @@ def train_local(
         record = StepRecord(first_step + done, group, lr, norm, group_seen)
         history.append(record)
         group, group_seen = {}, 0
-        if on_step is not None and on_step(record):
-            break
+        if (on_step is not None and on_step(record)) or done >= steps:
+            break  # right after the step: a stream's position is then the next batch to train on
     bar.close()
     metrics = {k: v / max(micro, 1) for k, v in totals.items()}
     metrics["lr"] = lr

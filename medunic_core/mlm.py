@@ -33,6 +33,7 @@ from medunic_core.data.manifest import read_manifest
 from medunic_core.models.encoders import bert_config, load_pretrained_text
 from medunic_core.errors import SiteDataError
 from medunic_core.privacy import PrivateTraining, make_private
+from medunic_core.round_state import RoundState
 from medunic_core.loop import LocalResult, StepRecord, train_local
 from medunic_core.optim import Stepper, build_optimizer, cosine_with_warmup, round_seed, seed_everything
 from medunic_core.train import prepare_tokenizer, resolve_device
@@ -159,11 +160,12 @@ def mlm_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: MedUniC
 
 def train_mlm_site(
     model: nn.Module, reports: list[str], tokenizer, cfg: MedUniCConfig, server_round: int,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"), carried: Optional[RoundState] = None,
 ) -> tuple[LocalResult, np.ndarray]:
     """One federated round of MLM at a site (medunic_core.loop): ``fed.local_steps`` steps on
     its own reports, with the learning rate the centralized schedule (``mlm.*`` over
-    ``fed.rounds x fed.local_steps`` steps) has at those steps; and the token rows it read."""
+    ``fed.rounds x fed.local_steps`` steps) has at those steps; and the token rows it read.
+    With ``carried`` and ``fed.site_optimizer = keep`` the AdamW moments carry over rounds."""
     if not reports:
         raise SiteDataError("no reports to post-train the text encoder on")
     fed = cfg.fed
@@ -173,6 +175,9 @@ def train_mlm_site(
     first = (server_round - 1) * fed.local_steps
     stepper = mlm_stepper(model, build_optimizer(model, cfg.mlm.lr, cfg.mlm.weight_decay), cfg,
                           fed.rounds * fed.local_steps, first)
+    previous = carried.load(server_round) if carried is not None else None
+    if previous is not None and fed.site_optimizer == "keep":
+        stepper.load_optimizer_state(previous)
     rows = np.zeros(len(tokenizer), dtype=bool)
 
     def loss_fn(batch: list[int]) -> tuple[dict[str, torch.Tensor], int]:
@@ -182,6 +187,8 @@ def train_mlm_site(
 
     result = train_local(batches, loss_fn, stepper, fed.local_steps, first_step=first,
                          where=f"MLM round {server_round}")
+    if carried is not None:
+        carried.save(server_round, stepper.state_dict())
     return result, rows
 
 

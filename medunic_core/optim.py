@@ -95,6 +95,11 @@ class Stepper:
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(state)
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """The optimizer's moments and the grad scaler, not the schedule: a site's next round
+        has its own place on the schedule (``first_step``), the rate the saved state holds."""
+        self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

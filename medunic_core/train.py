@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from medunic_core.align import Aligner
 from medunic_core.checkpoint import (
@@ -33,10 +32,9 @@ from medunic_core.checkpoint import (
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config, save_config, to_dict
 from medunic_core.constants import CHECKPOINT_FILE, DATA_PROBLEMS_FILE, METRICS_FILE
-from medunic_core.data.dataset import EpochSampler, EpochStream, PairDataset, TextCollator, prepare_images
+from medunic_core.data.dataset import pair_stream, prepare_images
 from medunic_core.data.manifest import read_manifest
 from medunic_core.data.preprocess import ImageCache
-from medunic_core.data.transforms import TwoViewTransform
 from medunic_core.errors import ConfigError
 from medunic_core.loop import StepRecord, train_local
 from medunic_core.losses import medunic_loss
@@ -148,6 +146,10 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     seed_everything(cfg.train.seed)
 
     records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
+    if cfg.train.sites:
+        records = [r for r in records if r.site in set(cfg.train.sites)]
+        if not records:
+            raise ConfigError(f"train.sites={list(cfg.train.sites)}: no train rows of these sites in {cfg.data.manifest}")
     langs = sorted({r.lang for r in records})
     log.info("train split: %d pairs, languages %s", len(records), langs)
     reports = [(r.report, r.lang) for r in records]
@@ -160,30 +162,19 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     records, _ = prepare_images(records, cache, cfg.data.max_bad_fraction, progress=progress and world.is_main,
                                 problems_file=out_dir / DATA_PROBLEMS_FILE if world.is_main else None)
 
-    img = cfg.model.image
-    dataset = PairDataset(records, cache, TwoViewTransform(img.size, img.mean, img.std), cfg.train.seed)
-    sampler = EpochSampler(len(dataset), cfg.train.seed, world.rank, world.world_size)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        collate_fn=TextCollator(tokenizer, cfg.model.text.max_length),
-        drop_last=True,  # BatchNorm heads and CTR need full batches
-        generator=torch.Generator().manual_seed(cfg.train.seed),  # never touch the global RNG
-        persistent_workers=False,
-    )
-    steps_per_epoch = len(sampler) // cfg.train.batch_size // cfg.train.accum_steps
+    tr = cfg.train
+    stream = pair_stream(records, cache, tokenizer, tr.batch_size, tr.accum_steps, cfg.model.text.max_length,
+                         cfg.model.image, tr.seed, cfg.data.num_workers, world.rank, world.world_size)
+    steps_per_epoch = stream.per_epoch // tr.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(
             f"{len(records)} training pairs give no optimizer step with batch_size="
-            f"{cfg.train.batch_size} x accum_steps={cfg.train.accum_steps} on {world.world_size} process(es)"
+            f"{tr.batch_size} x accum_steps={tr.accum_steps} on {world.world_size} process(es)"
         )
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
 
     model = create_model(cfg.model, len(tokenizer), tokenizer.pad_token_id).to(device).train()
     stepper = vlp_stepper(model, cfg, total_steps, device)
-    stream = EpochStream(sampler, loader, cfg.train.batch_size, steps_per_epoch * cfg.train.accum_steps)
     step = 0
     ckpt_path = out_dir / CHECKPOINT_FILE
     resuming = cfg.train.resume and ckpt_path.is_file()

@@ -1,4 +1,4 @@
-"""The Med-UniC strategy: Flower's FedAvg / FedProx / FedAdam plus what Med-UniC needs.
+"""The Med-UniC strategy: Flower's FedAvg / FedAvgM / FedProx / FedAdam plus what Med-UniC needs.
 
 Flower's strategies do the sampling, the messages and the weighted average (and FedAdam's
 server optimizer). :class:`MedUniCAggregation` is put in front of one of them and adds:
@@ -7,7 +7,10 @@ server optimizer). :class:`MedUniCAggregation` is put in front of one of them an
   are added per community, and each community present this round replaces its old sums
   (the communities stay apart: "disentangled");
 - token-embedding rows averaged only over the sites that used them (an English site must
-  not dilute Spanish rows); rows nobody used keep their current value;
+  not dilute Spanish rows); rows nobody used are averaged as every other weight;
+- under a server optimizer (FedAvgM, FedAdam) the BatchNorm running statistics take the
+  plain weighted mean: they are statistics, not parameters, and momentum or Adam steps
+  would push a running variance below zero;
 - rejection of non-finite and outlier updates (norm above ``reject_factor`` times the
   median of the other sites' norms), logged and counted, never averaged;
 - under update-level DP, each site's ``privacy`` record (the epsilon it has spent) kept
@@ -30,9 +33,9 @@ import time
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from medunic_core.align import AlignmentState
 from medunic_core.config import MedUniCConfig
@@ -40,7 +43,7 @@ from medunic_core.constants import LANGUAGES
 from medunic_core.errors import ConfigError, FederationError
 from medunic_core.exchange import TOKEN_EMBEDDINGS
 from medunic_core.federation import payload as P
-from medunic_core.federation.aggregate import fill_unused_rows, outliers, update_norms
+from medunic_core.federation.aggregate import fill_unused_rows, outliers, running_statistics, update_norms
 from medunic_core.federation.replies import Sent, check_train_reply
 from medunic_core.federation.runconfig import parse_sites
 from server.messages import arrays_record, collect, record_arrays
@@ -48,7 +51,7 @@ from server.registry import SiteIdentities
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
 
-STRATEGY_STATE = ("m_t", "v_t")  # FedAdam's moments: checkpointed with the round
+STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's: checkpointed with the round
 
 
 def federation_size(cfg: MedUniCConfig, run_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -83,6 +86,8 @@ def wait_for_sites(grid: Grid, expected: int, minimum: int, wait: float, what: s
 
 class MedUniCAggregation:
     """Mixin in front of a Flower strategy (see :func:`make_strategy`)."""
+
+    server_optimizer = False  # True: Flower's strategy steps the mean with a server optimizer
 
     def __init__(
         self, *args: Any, reject_factor: float = 10.0, wire_dtype: str = "float32",
@@ -156,15 +161,18 @@ class MedUniCAggregation:
         arrays = [u.arrays for u in kept]
         weights = [float(u.num_examples) for u in kept]
         if self.token_key in self.global_arrays and all(u.token_rows is not None for u in kept):
-            arrays = fill_unused_rows(arrays, [u.token_rows for u in kept], weights,
-                                      self.global_arrays[self.token_key], self.token_key)
+            arrays = fill_unused_rows(arrays, [u.token_rows for u in kept], weights, self.token_key)
         self._merge_alignment([u.alignment for u in kept])
         metric_keys = set.intersection(*(set(u.metrics) for u in kept))
         fresh = [Message(RecordDict({P.ARRAYS: arrays_record(a), P.METRICS: MetricRecord(
                      {P.NUM_EXAMPLES: u.num_examples, **{k: u.metrics[k] for k in sorted(metric_keys)}})}),
                          dst_node_id=got.nodes[sites[i]], message_type=self.message_type)
                  for i, u, a in zip(keep, kept, arrays)]
-        return super().aggregate_train(server_round, fresh)
+        aggregated, metrics = super().aggregate_train(server_round, fresh)
+        if aggregated is not None and self.server_optimizer:
+            for key, value in running_statistics(arrays, weights).items():
+                aggregated[key] = Array(value.astype(np.float32))
+        return aggregated, metrics
 
     def _merge_alignment(self, states: list[Optional[AlignmentState]]) -> None:
         fresh = AlignmentState()
@@ -186,12 +194,20 @@ class MedUniCFedAvg(MedUniCAggregation, FedAvg):
     """Weighted FedAvg over sample counts."""
 
 
+class MedUniCFedAvgM(MedUniCAggregation, FedAvgM):
+    """FedAvg's mean as a pseudo-gradient for server SGD with momentum (``fed.server_momentum``)."""
+
+    server_optimizer = True
+
+
 class MedUniCFedProx(MedUniCAggregation, FedProx):
     """FedAvg with a proximal term at the sites (``fed.proximal_mu``)."""
 
 
 class MedUniCFedAdam(MedUniCAggregation, FedAdam):
     """FedAvg's mean as a pseudo-gradient for a server-side Adam (``fed.server_lr``)."""
+
+    server_optimizer = True
 
 
 def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = MessageType.TRAIN,
@@ -225,4 +241,6 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = Messag
         return MedUniCFedProx(proximal_mu=cfg.fed.proximal_mu, **common)
     if cfg.fed.strategy == "fedadam":
         return MedUniCFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr, **common)
+    if cfg.fed.strategy == "fedavgm":
+        return MedUniCFedAvgM(server_learning_rate=1.0, server_momentum=cfg.fed.server_momentum, **common)
     return MedUniCFedAvg(**common)

@@ -19,10 +19,12 @@ import argparse
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -51,6 +53,7 @@ class Variant:
     name: str = MISSING
     kind: str = MISSING  # centralized | federated
     overrides: list[str] = field(default_factory=list)
+    sites: str = ""  # the sites it federates (or whose budget a centralized run gets); "" = the experiment's
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Suite:
     description: str = ""
     mlm_steps: int = 0  # the shared MLM warm-up; 0 keeps the preset's mlm.steps
     eval_norms: list[str] = field(default_factory=lambda: ["global", "community"])
+    columns: list[str] = field(default_factory=lambda: list(HEADLINE))  # result paths of the table
+    overrides: list[str] = field(default_factory=list)  # for every variant, before its own
     variants: list[Variant] = field(default_factory=list)
 
 
@@ -71,7 +76,7 @@ def load_suite(name: str) -> Suite:
         raise ConfigError(f"no experiment suite {path}; known suites: {known}")
     try:
         suite = OmegaConf.merge(OmegaConf.structured(Suite), OmegaConf.load(path))
-    except (OmegaConfBaseException, ValueError) as exc:
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {' '.join(str(exc).split())[:200]}") from None
     bad = [v.name for v in suite.variants if v.kind not in KINDS]
     if bad or not suite.variants:
@@ -83,14 +88,29 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _evaluate(run_dir: Path, norms: Sequence[str], progress: bool) -> dict[str, dict[str, Any]]:
-    """Each evaluation norm of one trained model; an evaluation already written is reused."""
+def _evaluate(run_dir: Path, norms: Sequence[str], shared: Sequence[str], progress: bool) -> dict[str, dict[str, Any]]:
+    """Each evaluation norm of one trained model on the experiment's held-out set (``shared``:
+    its manifest and languages, whatever the run trained on); one already written is reused."""
     out = {}
     for norm in norms:
         done = run_dir / f"eval-{norm}" / "eval.json"
         out[norm] = json.loads(done.read_text()) if done.is_file() else evaluate(
-            run_dir, run_dir / f"eval-{norm}", [f"align.eval_norm={norm}", "eval.tsne=false"], progress=progress)
+            run_dir, run_dir / f"eval-{norm}", [*shared, f"align.eval_norm={norm}", "eval.tsne=false"],
+            progress=progress)
     return out
+
+
+def _timed(run: Path, work: Callable[[], Any]) -> float:
+    """Seconds ``work`` took, kept in ``run/seconds.json`` (a reused run keeps its own)."""
+    record = run / "seconds.json"
+    if record.is_file():
+        work()  # returns at once for a finished run
+        return float(json.loads(record.read_text())["seconds"])
+    t0 = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - t0
+    record.write_text(json.dumps({"seconds": seconds}))
+    return seconds
 
 
 def run_experiment(
@@ -117,39 +137,47 @@ def run_experiment(
     if load_config(preset, shared).mlm.steps > 0:
         shared.append(f"model.text.pretrained={prepared / 'mlm' / 'text_encoder'}")
     cfg = load_config(preset, shared)
-    n_sites = len(parse_sites(sites))
-    steps = cfg.fed.rounds * cfg.fed.local_steps * n_sites
-    print(f"experiment '{suite_name}': {len(suite.variants)} variants x {len(seeds)} seeds; budget {steps} steps of "
-          f"{cfg.train.batch_size} pairs per run ({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x {n_sites} "
-          "sites)", flush=True)
+    steps = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(sites))
+    print(f"experiment '{suite_name}': {len(suite.variants)} variants x {len(seeds)} seeds; the default budget {steps} "
+          f"steps of {cfg.train.batch_size} pairs per run ({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x "
+          f"{len(parse_sites(sites))} sites)", flush=True)
+    evaluation = [f"data.manifest={manifest.resolve()}", f"data.langs=[{','.join(cfg.data.langs)}]"]
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for variant in suite.variants:
             run = root / _slug(variant.name) / f"seed{seed}"
-            common = [*shared, *variant.overrides, f"train.seed={seed}"]
-            if variant.kind == "centralized":
-                train(load_config(preset, [*common, f"train.out_dir={run}", f"train.max_steps={steps}"]),
-                      progress=progress)  # resumes (or returns at once) when the run exists
+            run.mkdir(parents=True, exist_ok=True)
+            common = [*shared, *suite.overrides, *variant.overrides, f"train.seed={seed}"]
+            members = variant.sites or sites
+            vcfg = load_config(preset, common)
+            budget = vcfg.fed.rounds * vcfg.fed.local_steps * len(parse_sites(members))
+            if variant.kind == "centralized":  # the federation's total site steps, in one run
+                seconds = _timed(run, lambda: train(load_config(preset, [*common, f"train.out_dir={run}",
+                                                                         f"train.max_steps={budget}"]),
+                                                    progress=progress))
                 model = run
             else:
-                if not (run / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
-                    simulate(preset, [*common, f"fed.out_dir={run}", "eval.tsne=false"], sites, pairs_per_site,
-                             progress, stage="vlp")
+                def federate() -> None:
+                    if not (run / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
+                        simulate(preset, [*common, f"fed.out_dir={run}", "eval.tsne=false"], members, pairs_per_site,
+                                 progress, stage="vlp")
+                seconds = _timed(run, federate)
                 model = run / "model"
-            for norm, res in _evaluate(model, suite.eval_norms, progress).items():
-                rows.setdefault(f"{variant.name} / eval {norm}", []).append(res)
+            for norm, res in _evaluate(model, suite.eval_norms, evaluation, progress).items():
+                rows.setdefault(f"{variant.name} / eval {norm}", []).append({**res, "seconds": seconds})
             write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, sites, steps),
-                             columns=HEADLINE)
+                             columns=tuple(suite.columns))
     print((root / "compare.md").read_text())
     return rows
 
 
 def _preamble(cfg, seeds: Sequence[int], site_list: str, steps: int) -> str:
     return (
-        f"Sites {site_list}; seeds {', '.join(map(str, seeds))}; every run {steps} optimizer steps of "
-        f"{cfg.train.batch_size} pairs (federated: {cfg.fed.rounds} rounds x {cfg.fed.local_steps} local "
-        f"steps per site); text encoder MLM-initialised ({cfg.mlm.steps} steps) for all. Cells: mean ± std "
-        "over seeds. `eval global|community` = align.eval_norm at evaluation (same weights)."
+        f"Sites {site_list}; seeds {', '.join(map(str, seeds))}; a run's budget is its federation's total site "
+        f"steps of {cfg.train.batch_size} pairs (default {steps}: {cfg.fed.rounds} rounds x {cfg.fed.local_steps} "
+        f"local steps per site; a centralized run takes them in one run); text encoder "
+        f"{'MLM-initialised (%d steps)' % cfg.mlm.steps if cfg.mlm.steps else 'from scratch'} for all. Cells: mean "
+        "± std over seeds. `eval global|community` = align.eval_norm at evaluation (same weights)."
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from medunic_core.data.manifest import Record, RowProblem
@@ -180,3 +180,23 @@ class TextCollator:
         batch["input_ids"] = tokens["input_ids"]
         batch["attention_mask"] = tokens["attention_mask"]
         return batch
+
+
+def pair_stream(records: Sequence[Record], cache: ImageCache, tokenizer: Callable, batch_size: int, accum_steps: int,
+                max_length: int, image: Any, seed: int, num_workers: int = 0, rank: int = 0,
+                world_size: int = 1) -> EpochStream:
+    """The training batches of every trainer (centralized, a site's round): two views per
+    image and the tokenized reports, full batches only (BatchNorm heads and CTR need them),
+    whole accumulation groups per epoch, order and views from ``seed`` alone. ``image`` is
+    the model's image config (size, mean, std). The stream starts at epoch 0, batch 0; a
+    resume sets ``epoch`` and ``batch``."""
+    dataset = PairDataset(records, cache, TwoViewTransform(image.size, image.mean, image.std), seed)
+    sampler = EpochSampler(len(dataset), seed, rank, world_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        collate_fn=TextCollator(tokenizer, max_length), drop_last=True,
+        generator=torch.Generator().manual_seed(seed),  # never touch the global RNG
+        persistent_workers=False,
+    )
+    per_epoch = len(sampler) // batch_size // accum_steps * accum_steps
+    return EpochStream(sampler, loader, batch_size, per_epoch)

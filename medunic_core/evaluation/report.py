@@ -101,6 +101,10 @@ def summary_metrics(results: Results) -> dict[str, Optional[float]]:
             out[f"zeroshot/{lang}/{key}"] = metrics.get(key)
     for fraction, metrics in results.get("linear_probe", {}).items():
         out[f"linear_probe/{_fraction_label(fraction)}/macro_auc"] = metrics.get("mean")
+    for key, value in results.get("heldout_loss", {}).items():
+        out[f"heldout_loss/{key}"] = value
+    if "seconds" in results:  # the training's wall time, where an experiment recorded it
+        out["seconds"] = results["seconds"]
     return out
 
 
@@ -113,8 +117,11 @@ def format_eval_markdown(results: Results) -> str:
     zeroshot = results.get("zeroshot", {})
     if zeroshot:
         findings = list(dict.fromkeys(f for m in zeroshot.values() for f in m.get("auc", {})))
+        norm = results.get("norm", {})
         lines += ["## Zero-shot classification", "",
-                  "Prediction = P(present) > 0.5; macro means over findings with both classes.", ""]
+                  "Prediction = P(present) > 0.5; macro means over findings with both classes."
+                  + (" Report normalisation: " + ", ".join(f"{k} {v}" for k, v in norm.items())
+                     + " (a language without community statistics is normalised globally)." if norm else ""), ""]
         rows = [[lang, m.get("macro_auc"), m.get("macro_f1"), m.get("accuracy")]
                 + [m.get("auc", {}).get(f) for f in findings] for lang, m in zeroshot.items()]
         lines += _table(["lang", "macro AUC", "macro F1", "accuracy"]
@@ -140,6 +147,12 @@ def format_eval_markdown(results: Results) -> str:
                  m.get("lang_id_probe_acc"), m.get("lang_id_chance")] for kind, m in bias.items()]
         lines += _table(["embedding", "mean dist / spread", "silhouette (lang)",
                          "lang-ID acc", "lang-ID chance"], rows) + [""]
+
+    heldout = results.get("heldout_loss", {})
+    if heldout:
+        lines += ["## Training losses on the held-out pairs", "",
+                  "Evaluation mode, views from a fixed seed: comparable across runs.", ""]
+        lines += _table(list(heldout), [list(heldout.values())]) + [""]
 
     probe = results.get("linear_probe", {})
     if probe:

@@ -21,7 +21,7 @@ from medunic_core.align import Aligner, AlignmentState, community_statistics
 from medunic_core.checkpoint import load_checkpoint
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import CHECKPOINT_FILE, FINDINGS
-from medunic_core.data.dataset import EvalDataset, prepare_images
+from medunic_core.data.dataset import EvalDataset, pair_stream, prepare_images
 from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
@@ -32,7 +32,7 @@ from medunic_core.evaluation.report import format_eval_markdown, plot_tsne, writ
 from medunic_core.evaluation.retrieval import cross_lingual_retrieval
 from medunic_core.evaluation.zeroshot import class_embedding, label_matrix, zeroshot_metrics
 from medunic_core.models import MedUniC, create_model
-from medunic_core.train import resolve_device
+from medunic_core.train import forward_loss, resolve_device
 from medunic_core.vocab import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,26 @@ class Encoder:
         """Reports -> (P_l embeddings, F_l [CLS] features), each (N, d).
 
         With community statistics set, each report is standardised with its own
-        language's statistics (``langs``, one per report).
+        language's statistics (``langs``, one per report); a language without statistics (a
+        model trained on the other language only) is standardised globally, as
+        :func:`evaluate_model` records under ``norm``.
         """
         if self.community is not None and (langs is None or len(langs) != len(texts)):
             raise ValueError("community normalisation needs the language of every report")
+        if self.community is not None:
+            assert langs is not None
+            known = set(self.community.communities)
+            if any(lang not in known for lang in langs):  # the rule: no statistics -> global normalisation
+                order = [i for i, lang in enumerate(langs) if lang in known]
+                rest = [i for i, lang in enumerate(langs) if lang not in known]
+                parts = [self.texts([texts[i] for i in order], [langs[i] for i in order]) if order else None,
+                         self._global_texts([texts[i] for i in rest])]
+                heads = np.empty((len(texts), parts[1][0].shape[1]), dtype=np.float32)
+                feats = np.empty((len(texts), parts[1][1].shape[1]), dtype=np.float32)
+                for index, part in ((order, parts[0]), (rest, parts[1])):
+                    if part is not None:
+                        heads[index], feats[index] = part
+                return heads, feats
         heads, feats = [], []
         bs = self.cfg.eval.batch_size
         aligner = Aligner(self.model, mode="community", others=self.community) if self.community else None
@@ -78,6 +94,13 @@ class Encoder:
                 aligner.begin_batch(list(langs[i : i + bs]))
                 heads.append(self.model.text_head(h).float().cpu())
         return torch.cat(heads).numpy(), torch.cat(feats).numpy()
+
+    def _global_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        saved, self.community = self.community, None
+        try:
+            return self.texts(texts)
+        finally:
+            self.community = saved
 
     @torch.no_grad()
     def images(self, records: Sequence[Record], cache: ImageCache, progress: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -126,6 +149,32 @@ def load_run(run_dir: str | Path, overrides: Optional[list[str]] = None, checkpo
     return cfg, tokenizer, model
 
 
+HELDOUT_SEED = 20231  # the views of the held-out losses: the same for every model evaluated
+
+
+@torch.no_grad()
+def heldout_losses(model: MedUniC, tokenizer, cfg: MedUniCConfig, test: Sequence[Record], cache: ImageCache,
+                   device: torch.device) -> dict[str, float]:
+    """The training losses (L_CVL, L_SSV, total) of the model in evaluation mode on the held-out
+    pairs, in full batches with views drawn from a fixed seed: comparable across runs of any
+    length and any number of rounds, unlike a run's training-loss means."""
+    reported = [r for r in test if r.report]
+    size = min(cfg.train.batch_size, len(reported))
+    if size < 2:
+        return {}
+    stream = pair_stream(reported, cache, tokenizer, size, 1, cfg.model.text.max_length, cfg.model.image,
+                         HELDOUT_SEED)
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    batches = stream.per_epoch
+    for _, batch in zip(range(batches), stream):
+        for k, v in forward_loss(model, batch, cfg, device).items():
+            totals[k] = totals.get(k, 0.0) + float(v) / batches
+    model.train(was_training)
+    return totals
+
+
 def evaluate_model(
     model: MedUniC,
     tokenizer,
@@ -146,6 +195,7 @@ def evaluate_model(
     None, measures each language on the ``train`` reports. ``prompt_langs`` limits the
     zero-shot prompt languages (a site scores its own).
 
+    With ``full``, also the training losses on the held-out pairs (:func:`heldout_losses`).
     Label-only rows (report "", e.g. CheXpert) count for zero-shot and the probe, which
     use images and labels only; the report metrics (retrieval, bias, the t-SNE
     embeddings) use the test rows that have a report and are skipped when none has.
@@ -168,12 +218,14 @@ def evaluate_model(
             )
         encoder.community = community
     img_emb, img_feat = encoder.images(test, cache, progress)
+    norm = {lang: ("community" if encoder.community is not None and lang in encoder.community.communities
+                   else "global") for lang in sorted({*cfg.data.langs, *(prompt_langs or ())})}
     reported = [r for r in test if r.report]
     langs = [r.lang for r in reported]
     labels = label_matrix(test, FINDINGS)
     prompt_langs = list(prompt_langs or cfg.data.langs)
     prompts = load_prompts(langs=prompt_langs)
-    results: dict[str, Any] = {"zeroshot": {}}
+    results: dict[str, Any] = {"zeroshot": {}, "norm": norm}
     for lang in prompt_langs:
         pos, neg = _prompt_embeddings(encoder, prompts, lang)
         results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
@@ -189,6 +241,8 @@ def evaluate_model(
                 text_emb, langs, [r.finding_set for r in reported], cfg.eval.retrieval_k
             )
             results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
+    if full:
+        results["heldout_loss"] = heldout_losses(model, tokenizer, cfg, test, cache, device)
     if full and train:
         train_feat = encoder.images(train, cache, progress)[1]
         if cfg.dp.sgd.enabled:  # the probe's labels are private data too: DP-SGD

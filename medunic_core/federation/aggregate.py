@@ -6,7 +6,9 @@ adds is here, apart from Flower so that it is unit-tested on plain arrays:
 - :func:`update_norms` and :func:`outliers`: an update whose norm is not finite or exceeds
   ``factor`` x the median of the other sites' norms is rejected, never averaged;
 - :func:`fill_unused_rows`: rows of the token-embedding matrix averaged only over the
-  sites that used them (an English site must not dilute Spanish rows).
+  sites that used them (an English site must not dilute Spanish rows);
+- :func:`running_statistics`: the weighted mean of the BatchNorm running statistics, which a
+  server optimizer must not step.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from medunic_core.exchange import BN_BUFFERS
 
 
 def update_norms(arrays: Sequence[Mapping[str, np.ndarray]], current: Mapping[str, np.ndarray]) -> list[float]:
@@ -40,15 +44,15 @@ def outliers(norms: Sequence[float], factor: float) -> list[int]:
 
 
 def fill_unused_rows(
-    arrays: Sequence[Mapping[str, np.ndarray]], usage: Sequence[np.ndarray], weights: Sequence[float],
-    current: np.ndarray, key: str,
+    arrays: Sequence[Mapping[str, np.ndarray]], usage: Sequence[np.ndarray], weights: Sequence[float], key: str,
 ) -> list[dict[str, np.ndarray]]:
     """Copies of the sites' arrays in which each site's token-embedding rows it did not use
     are replaced, so that a plain weighted average gives, row by row, the average over the
     sites that used the row.
 
     A site's unused row is set to the users' weighted mean m; the overall weighted mean is
-    then m exactly. Rows nobody used are set to the current global row.
+    then m exactly. Rows nobody used are left as the sites sent them (plain FedAvg): each
+    site's optimizer moved them alike (weight decay, momentum), as centralized training would.
     """
     used = np.stack([u.astype(bool) for u in usage])  # sites x rows
     w = np.asarray(weights, dtype=np.float64)[:, None]
@@ -56,10 +60,17 @@ def fill_unused_rows(
     wu = used * w
     denom = wu.sum(0)
     mean = np.einsum("sr,srd->rd", wu, stacked) / np.maximum(denom, 1e-12)[:, None]
-    mean[denom == 0] = current[denom == 0]
     out = []
     for i, a in enumerate(arrays):
         patched = a[key].astype(np.float64)
-        patched[~used[i]] = mean[~used[i]]
+        replace = ~used[i] & (denom > 0)
+        patched[replace] = mean[replace]
         out.append({**a, key: patched.astype(a[key].dtype)})
     return out
+
+
+def running_statistics(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """The weighted mean (float64) of every BatchNorm running mean and variance the sites sent."""
+    keys = [k for k in arrays[0] if k.rsplit(".", 1)[-1] in BN_BUFFERS]
+    total = float(sum(weights))
+    return {k: sum(w * a[k].astype(np.float64) for a, w in zip(arrays, weights)) / total for k in keys}

@@ -103,7 +103,7 @@ def test_token_rows_average_over_the_sites_that_used_them(strategy_and_requests)
     np.testing.assert_allclose(emb[0], 1.0)  # only en used row 0
     np.testing.assert_allclose(emb[1], (30 * 1.0 + 10 * 4.0) / 40)  # both: weighted by samples
     np.testing.assert_allclose(emb[2], 4.0)  # only es
-    np.testing.assert_allclose(emb[3], 9.0)  # nobody: unchanged
+    np.testing.assert_allclose(emb[3], (30 * 1.0 + 10 * 4.0) / 40)  # nobody: as every other weight
     np.testing.assert_allclose(record_arrays(arrays)["w"], (30 * 1.0 + 10 * 4.0) / 40)  # plain FedAvg
     assert metrics["train_loss"] == pytest.approx(1.0)
     assert [dict(r.content.array_records) for r in replies] == before  # replies are never edited
@@ -233,12 +233,11 @@ MUTATIONS = {  # each makes a reply that must be rejected
 
 
 def _weighted_average(updates: list[tuple[np.ndarray, float, int, list[int]]]) -> tuple[np.ndarray, float]:
-    """The expected global model: token rows over the sites that used them (else 9.0), w over all."""
+    """The expected global model: token rows over the sites that used them (else over all), w over all."""
     emb = np.full((ROWS, DIM), 9.0)
     for row in range(ROWS):
-        users = [(e, n) for e, _, n, used in updates if row in used]
-        if users:
-            emb[row] = sum(n * e[row].astype(np.float16).astype(np.float64) for e, n in users) / sum(n for _, n in users)
+        users = [(e, n) for e, _, n, used in updates if row in used] or [(e, n) for e, _, n, _ in updates]
+        emb[row] = sum(n * e[row].astype(np.float16).astype(np.float64) for e, n in users) / sum(n for _, n in users)
     total = sum(n for _, _, n, _ in updates)
     w = sum(n * float(np.float16(o)) for _, o, n, _ in updates) / total
     return emb, w
@@ -291,3 +290,18 @@ def test_hundreds_of_malformed_replies_never_crash_a_round_or_poison_the_model()
         assert strategy.alignment.communities == ["en", "es", "fr"]
         assert all(torch.isfinite(v).all() for b in strategy.alignment.sums.values() for v in b.values())
     assert thrown >= 500 and kinds == set(MUTATIONS)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam"])
+def test_a_server_optimizer_never_steps_the_batchnorm_running_statistics(name):
+    """Momentum (or Adam) on a running variance drives it below zero: the statistics take the
+    plain mean, the parameters the server optimizer's step."""
+    from medunic_core.federation.aggregate import running_statistics
+
+    arrays = [{"bn.running_var": np.full(3, v), "bn.running_mean": np.full(3, v), "w": np.full(3, v)}
+              for v in (1.0, 3.0)]
+    stats = running_statistics(arrays, [1.0, 3.0])
+    assert sorted(stats) == ["bn.running_mean", "bn.running_var"]
+    assert all(np.allclose(v, 2.5) for v in stats.values())
+    cfg = load_config("tiny", [f"fed.strategy={name}"])
+    assert make_strategy(cfg, 2).server_optimizer
