@@ -168,7 +168,7 @@ def _settings_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="this site's privacy budget: train only in runs with update-level DP, and stop releasing "
                         "updates before epsilon over all releases of its data passes this")
     p.add_argument("--dp-max-delta", type=float, default=None, help="largest delta this site accepts")
-    p.add_argument("--allow-app", action="append", default=[], metavar="SHA256",
+    p.add_argument("--allow-app", dest="allow_apps", action="append", default=[], metavar="SHA256",
                    help="also run the app with this FAB sha256 (repeat); by default only the medunic installed here")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (testing only)")
 
@@ -179,9 +179,7 @@ def _settings(args: argparse.Namespace) -> SiteSettings:
     missing = [k for k in ("site", "language", "data", "superlink", "tokenizer") if not getattr(args, k)]
     if missing:
         raise ConfigError(f"give --config site.toml, or {', '.join('--' + m for m in missing)}")
-    return SiteSettings(args.site, args.language, args.data, args.superlink, args.tokenizer, args.ca, args.key,
-                        args.state, args.cache, args.text_encoder, args.port, args.max_bad, args.dp_max_epsilon,
-                        args.dp_max_delta, list(args.allow_app), args.insecure)
+    return SiteSettings.from_args(args)
 
 
 def add_start_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -16,6 +16,7 @@ resumed) loads round r - 1 again, so the two latest files are kept.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any, Optional
 
 from medunic_core.checkpoint import atomic_save, load_checkpoint
 from medunic_core.errors import CheckpointMismatchError
+
+log = logging.getLogger(__name__)
 
 STALE_RUN_S = 7 * 24 * 3600  # other runs' folders untouched this long are removed
 
@@ -45,8 +48,9 @@ class RoundState:
             return None
         try:
             return load_checkpoint(self._file(server_round - 1))
-        except CheckpointMismatchError:
-            return None  # a damaged file: start this round afresh rather than stop the site
+        except CheckpointMismatchError as exc:  # a damaged file: this round starts afresh, said
+            log.warning("%s; round %d starts afresh", exc, server_round)
+            return None
 
     def save(self, server_round: int, state: dict[str, Any]) -> None:
         """Keep ``state`` as the state after ``server_round``; drop what no round can need."""

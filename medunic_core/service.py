@@ -13,7 +13,7 @@ import sys
 import tomllib
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 from medunic_core.errors import ConfigError
 
@@ -43,6 +43,11 @@ class ServiceSettings:
             raise ConfigError(f"{path}: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_args(cls: type[S], args: Any) -> S:
+        """From parsed command-line flags whose ``dest`` names are the fields' names."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
     def to_toml(self) -> str:
         """The settings as a TOML file (unset values left out), after the class's ``HEADER``."""

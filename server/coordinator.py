@@ -354,7 +354,7 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> CoordinatorSettings:
     if getattr(args, "config", None):
         return CoordinatorSettings.load(args.config)
-    return CoordinatorSettings(args.certs, args.host, args.port, args.control_port, args.state, args.insecure)
+    return CoordinatorSettings.from_args(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

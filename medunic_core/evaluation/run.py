@@ -52,7 +52,6 @@ class Encoder:
         self.model, self.tokenizer, self.cfg, self.device = model.eval(), tokenizer, cfg, device
         self.community = community  # per-language P_l statistics for align.eval_norm=community
 
-    @torch.no_grad()
     def texts(self, texts: Sequence[str], langs: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
         """Reports -> (P_l embeddings, F_l [CLS] features), each (N, d).
 
@@ -61,25 +60,30 @@ class Encoder:
         model trained on the other language only) is standardised globally, as
         :func:`evaluate_model` records under ``norm``.
         """
-        if self.community is not None and (langs is None or len(langs) != len(texts)):
+        if self.community is None:
+            return self._texts(texts, None)
+        if langs is None or len(langs) != len(texts):
             raise ValueError("community normalisation needs the language of every report")
-        if self.community is not None:
-            assert langs is not None
-            known = set(self.community.communities)
-            if any(lang not in known for lang in langs):  # the rule: no statistics -> global normalisation
-                order = [i for i, lang in enumerate(langs) if lang in known]
-                rest = [i for i, lang in enumerate(langs) if lang not in known]
-                parts = [self.texts([texts[i] for i in order], [langs[i] for i in order]) if order else None,
-                         self._global_texts([texts[i] for i in rest])]
-                heads = np.empty((len(texts), parts[1][0].shape[1]), dtype=np.float32)
-                feats = np.empty((len(texts), parts[1][1].shape[1]), dtype=np.float32)
-                for index, part in ((order, parts[0]), (rest, parts[1])):
-                    if part is not None:
-                        heads[index], feats[index] = part
-                return heads, feats
+        known = set(self.community.communities)
+        own = [i for i, lang in enumerate(langs) if lang in known]
+        if len(own) == len(texts):
+            return self._texts(texts, langs)
+        rest = [i for i, lang in enumerate(langs) if lang not in known]
+        heads: list[Optional[np.ndarray]] = [None] * len(texts)
+        feats: list[Optional[np.ndarray]] = [None] * len(texts)
+        for index, group_langs in ((own, [langs[i] for i in own]), (rest, None)):
+            if index:
+                h, f = self._texts([texts[i] for i in index], group_langs)
+                for j, i in enumerate(index):
+                    heads[i], feats[i] = h[j], f[j]
+        return np.stack(heads), np.stack(feats)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def _texts(self, texts: Sequence[str], langs: Optional[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """The batched forward pass; ``langs`` given: community normalisation, else global."""
         heads, feats = [], []
         bs = self.cfg.eval.batch_size
-        aligner = Aligner(self.model, mode="community", others=self.community) if self.community else None
+        aligner = Aligner(self.model, mode="community", others=self.community) if langs is not None else None
         for i in range(0, len(texts), bs):
             tok = self.tokenizer(
                 list(texts[i : i + bs]), padding=True, truncation=True,
@@ -91,16 +95,9 @@ class Encoder:
                 heads.append(self.model.text_head(h).float().cpu())
                 continue
             with aligner.attached():
-                aligner.begin_batch(list(langs[i : i + bs]))
+                aligner.begin_batch(list(langs[i : i + bs]))  # type: ignore[index]
                 heads.append(self.model.text_head(h).float().cpu())
         return torch.cat(heads).numpy(), torch.cat(feats).numpy()
-
-    def _global_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        saved, self.community = self.community, None
-        try:
-            return self.texts(texts)
-        finally:
-            self.community = saved
 
     @torch.no_grad()
     def images(self, records: Sequence[Record], cache: ImageCache, progress: bool) -> tuple[np.ndarray, np.ndarray]:
