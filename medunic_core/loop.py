@@ -11,6 +11,7 @@ logging and early stops live.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -38,7 +39,8 @@ class StepRecord:
 @dataclass
 class LocalResult:
     """What :func:`train_local` did: steps, examples, the mean of each loss part over all
-    batches plus the last step's ``lr``, and one :class:`StepRecord` per step."""
+    batches plus the last step's ``lr``, the loop's wall time (``seconds``, data included)
+    and ``pairs_per_s``, and one :class:`StepRecord` per step."""
 
     steps: int
     num_examples: int
@@ -62,6 +64,7 @@ def train_local(
     seen = group_seen = micro = done = 0
     lr = stepper.lr
     bar = tqdm(total=steps, desc=where, disable=not progress)
+    start = time.perf_counter()
     for batch in batches if steps > 0 else ():
         parts, n = loss_fn(batch)
         check_finite_loss(parts, f"{where}: step {first_step + done + 1}")
@@ -83,6 +86,7 @@ def train_local(
         if (on_step is not None and on_step(record)) or done >= steps:
             break  # right after the step: a stream's position is then the next batch to train on
     bar.close()
+    seconds = time.perf_counter() - start
     metrics = {k: v / max(micro, 1) for k, v in totals.items()}
-    metrics["lr"] = lr
+    metrics.update(lr=lr, seconds=seconds, pairs_per_s=seen / max(seconds, 1e-9))
     return LocalResult(done, seen, metrics, history)

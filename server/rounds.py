@@ -78,9 +78,11 @@ def run_rounds(stage: WeightStage, grid: Grid) -> Path:
         # run_key names this run in the sites' privacy ledgers; kept on resume
         messages = stage.strategy.configure_train(rnd, arrays_record(arrays),
                                                   ConfigRecord(stage.message_config(**{P.RUN_KEY: run_key})), grid)
+        sent = time.perf_counter()
         replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+        exchange = time.perf_counter() - sent  # the sites' rounds as the coordinator waits for them
         aggregated, metrics = stage.strategy.aggregate_train(rnd, replies)
-        row: dict[str, Any] = {"round": rnd, **stage.strategy.last_round}
+        row: dict[str, Any] = {"round": rnd, **stage.strategy.last_round, "train_exchange_seconds": exchange}
         row["invalid"] = {P.TRAIN: row["invalid"]} if row.get("invalid") else {}
         if rnd == start and resumed:
             row["resumed"] = resumed

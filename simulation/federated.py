@@ -44,11 +44,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def flower_env(flwr_home: Path, tag: str) -> dict[str, str]:
+def cores() -> int:
+    """CPU cores this process may use (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_site(n_sites: int) -> int:
+    """Torch threads of each simulated site: the cores shared out, at least one each, so a
+    federation of fewer sites than cores still uses the whole machine."""
+    return max(1, cores() // max(n_sites, 1))
+
+
+def flower_env(flwr_home: Path, tag: str, threads: int = 1) -> dict[str, str]:
     """The environment of every Flower process we start: offline, quiet, project-local
-    home, and a tag that finds them (and what they spawn, Ray included) to stop them."""
+    home, ``threads`` per simulated site, and a tag that finds them (and what they spawn,
+    Ray included) to stop them."""
     env = subprocess_env(FLWR_HOME=str(flwr_home), **{RUN_TAG: tag})
-    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per simulated site
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 
@@ -84,7 +96,7 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path, log_file: Path, tag: str) -> Iterator[str]:
+def simulation_superlink(flwr_home: Path, log_file: Path, tag: str, threads: int = 1) -> Iterator[str]:
     """Start a simulation SuperLink on a free loopback port; always stop it and all it
     spawned (simulation runtime, ServerApp, Ray) when the block ends."""
     port = _free_port()  # Flower 1.42 serves the runtime, control and fleet APIs on one HTTP port
@@ -95,7 +107,7 @@ def simulation_superlink(flwr_home: Path, log_file: Path, tag: str) -> Iterator[
         "--disable-runtime-dependency-installation",
     ]
     with log_file.open("ab") as out:
-        proc = subprocess.Popen(command, env=flower_env(flwr_home, tag), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, env=flower_env(flwr_home, tag, threads), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -124,10 +136,12 @@ def write_run_config(path: Path, values: dict[str, Any]) -> Path:
 def flwr_run(connection: str, run_config: Path, n_sites: int, flower_log: Path, env: dict[str, str],
              progress: bool) -> int:
     """``flwr run`` of this app against a simulation SuperLink, one simulated SuperNode per
-    site; streams its progress (all of it, or the round lines) and returns its exit code."""
+    site (``threads_per_site`` CPUs each, all sites at once where the cores allow); streams
+    its progress (all of it, or the round lines) and returns its exit code."""
+    threads = threads_per_site(n_sites)
     federation = (
-        f"num-supernodes={n_sites} client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
-        f"init-args-num-cpus={max(2, min(n_sites, os.cpu_count() or 2))}"
+        f"num-supernodes={n_sites} client-resources-num-cpus={threads} client-resources-num-gpus=0.0 "
+        f"init-args-num-cpus={max(2, min(n_sites * threads, cores()))}"
     )
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(APP_DIR), connection, "--stream",
                "--run-config", str(run_config), "--federation-config", federation]
@@ -164,8 +178,9 @@ def simulate(
     print(f"federated simulation (stage {stage}): {n_sites} sites ({sites}) -> {run_dir}", flush=True)
     tag = uuid.uuid4().hex
     flower_log = run_dir / f"flower-{stage}.log"
-    with simulation_superlink(flwr_home, run_dir / "superlink.log", tag) as connection:
-        rc = flwr_run(connection, config, n_sites, flower_log, flower_env(flwr_home, tag), progress)
+    threads = threads_per_site(n_sites)
+    with simulation_superlink(flwr_home, run_dir / "superlink.log", tag, threads) as connection:
+        rc = flwr_run(connection, config, n_sites, flower_log, flower_env(flwr_home, tag, threads), progress)
     done = {"all": run_dir / "model" / "checkpoint.pt", "vlp": run_dir / "model" / "checkpoint.pt",
             "text": run_dir / "vocab" / "tokenizer" / "vocab.sha256", "vocab": run_dir / "tokenizer" / "vocab.sha256",
             "mlm": run_dir / "text_encoder" / "config.json"}[stage]

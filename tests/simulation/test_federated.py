@@ -34,6 +34,9 @@ def test_simulate_en_and_es_sites_end_to_end(tmp_path, monkeypatch):
     for r in rows:
         assert sorted(r["sites"]) == ["en-1", "es-1"] and r["failed"] == 0
         assert r["train"]["train_loss"] > 0
+        # each site times its own loop; the coordinator's wait for the round contains it
+        assert r["train"]["train_pairs_per_s"] > 0
+        assert 0 < r["train"]["train_seconds"] <= r["train_exchange_seconds"]
         assert {s["community"] for s in r["sites_eval"].values()} == {"en", "es"}
         assert 0 <= r["central"]["zeroshot_en"] <= 1 and 0 <= r["central"]["zeroshot_es"] <= 1
     report = (run_dir / "report" / "report.md").read_text()
