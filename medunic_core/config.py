@@ -162,6 +162,7 @@ class MlmConfig:
 @dataclass
 class EvalConfig:
     split: str = "test"
+    manifest: Optional[str] = None  # a fixed evaluation set (its eval.split rows) instead of data.manifest's
     batch_size: int = 64
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     probe_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])

@@ -32,10 +32,10 @@ from medunic_core import __version__
 from medunic_core.align import AlignmentState, alignment_layout
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.data.dataset import prepare_images
-from medunic_core.data.manifest import Record, read_manifest
+from medunic_core.data.manifest import Record
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError, FederationError
-from medunic_core.evaluation.run import evaluate, evaluate_model
+from medunic_core.evaluation.run import evaluate, evaluate_model, heldout_manifest, heldout_records
 from medunic_core.exchange import load_arrays
 from medunic_core.export import export_model, folder_sha256
 from medunic_core.federation import payload as P
@@ -246,14 +246,12 @@ class VlpStage(_Stage):
 
     def _evaluate_central(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         """The global model on the coordinator's held-out set (public data), if it has one."""
-        manifest = Path(self.cfg.data.manifest)
-        if not manifest.is_file():
+        if not heldout_manifest(self.cfg).is_file():
             return {}
         load_arrays(self.model, arrays)
         cache = ImageCache(self.cfg.data.cache_dir, self.cfg.model.image.cache_size)
         if self._central_test is None:  # read and decode the held-out set once per run
-            test = [r for r in read_manifest(manifest, self.cfg.data.langs) if r.split == self.cfg.eval.split]
-            self._central_test = prepare_images(test, cache, 1.0, progress=False)[0]
+            self._central_test = prepare_images(heldout_records(self.cfg), cache, 1.0, progress=False)[0]
         test = self._central_test
         community = self.community if self.cfg.align.eval_norm == "community" else None
         langs = [lang for lang in self.cfg.data.langs if community is None or lang in community.communities]
@@ -279,7 +277,7 @@ class VlpStage(_Stage):
     def export(self, arrays: dict[str, np.ndarray]) -> Path:
         load_arrays(self.model, arrays)
         folder = export_model(self.model, self.cfg, self.cfg.train.tokenizer, self.out / EXPORT_DIR, self.community)
-        if Path(self.cfg.data.manifest).is_file():
+        if Path(self.cfg.data.manifest).is_file() and heldout_manifest(self.cfg).is_file():
             evaluate(folder, folder / "eval", progress=False)
         log.info("exported the final model to %s; report: %s", folder, write_federated_report(self.out))
         return folder

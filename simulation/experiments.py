@@ -31,6 +31,8 @@ from omegaconf.errors import OmegaConfBaseException
 from medunic_core.cli import add_config_args
 from medunic_core.config import CONFIG_DIR, load_config
 from medunic_core.errors import ConfigError
+from medunic_core.data.synthetic.generator import MANIFEST_NAME, default_workers, generate_eval_set
+from medunic_core.evaluation.paired import Comparison, paired_comparisons, paired_table
 from medunic_core.evaluation.report import write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.train import train
@@ -62,10 +64,13 @@ class Suite:
 
     description: str = ""
     mlm_steps: int = 0  # the shared MLM warm-up; 0 keeps the preset's mlm.steps
+    eval_set: int = 0  # cases of a fixed bilingual evaluation set made once for all runs; 0: the data's test split
     eval_norms: list[str] = field(default_factory=lambda: ["global", "community"])
     columns: list[str] = field(default_factory=lambda: list(HEADLINE))  # result paths of the table
     overrides: list[str] = field(default_factory=list)  # for every variant, before its own
     variants: list[Variant] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)  # paired over seeds, rows "<variant> / eval <norm>"
+    compare_on: list[str] = field(default_factory=list)  # metrics of a comparison without its own; [] = columns
 
 
 def load_suite(name: str) -> Suite:
@@ -81,6 +86,10 @@ def load_suite(name: str) -> Suite:
     bad = [v.name for v in suite.variants if v.kind not in KINDS]
     if bad or not suite.variants:
         raise ConfigError(f"{path}: every variant needs kind one of {KINDS} (not: {bad}), and a suite needs variants")
+    rows = {f"{v.name} / eval {norm}" for v in suite.variants for norm in suite.eval_norms}
+    unknown = [r for c in suite.comparisons for r in (*c.a, *c.b) if r not in rows]
+    if unknown:  # found now, not after hours of training
+        raise ConfigError(f"{path}: comparisons name rows {unknown}; rows are '<variant> / eval <norm>': {sorted(rows)}")
     return suite  # type: ignore[return-value]
 
 
@@ -142,6 +151,8 @@ def run_experiment(
           f"steps of {cfg.train.batch_size} pairs per run ({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x "
           f"{len(parse_sites(sites))} sites)", flush=True)
     evaluation = [f"data.manifest={manifest.resolve()}", f"data.langs=[{','.join(cfg.data.langs)}]"]
+    if suite.eval_set:
+        evaluation.append(f"eval.manifest={bilingual_eval_set(cfg, sites, pairs_per_site, suite.eval_set, progress)}")
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for variant in suite.variants:
@@ -167,8 +178,34 @@ def run_experiment(
                 rows.setdefault(f"{variant.name} / eval {norm}", []).append({**res, "seconds": seconds})
             write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, sites, steps),
                              columns=tuple(suite.columns))
+    if suite.comparisons:
+        write_paired(root, suite, seeds)
     print((root / "compare.md").read_text())
     return rows
+
+
+def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
+    """The suite's paired comparisons from ``compare.json`` (values in seed order) ->
+    ``paired.json``, and their table appended to ``compare.md``."""
+    runs = json.loads((root / "compare.json").read_text())["runs"]
+    rows = paired_comparisons(runs, suite.comparisons, suite.compare_on or suite.columns)
+    path = root / "paired.json"
+    path.write_text(json.dumps({"seeds": list(seeds), "level": 0.95, "comparisons": rows}, indent=2) + "\n")
+    with (root / "compare.md").open("a") as f:
+        f.write("\n" + paired_table(rows, f"Paired over seeds {', '.join(map(str, seeds))}: A - B, 95% t-interval")
+                + "\n")
+    return path
+
+
+def bilingual_eval_set(cfg, sites: str, pairs_per_site: int, cases: int, progress: bool) -> Path:
+    """The experiment's fixed evaluation set (``medunic synth --eval-set``), made once per data
+    seed, size and acquisition profiles of the sites, and reused by every run."""
+    profiles = list(dict.fromkeys(s.profile for s in parse_site_specs(sites, pairs_per_site or PAIRS_PER_SITE)))
+    folder = Path("data") / f"eval-{cases}-{'-'.join(profiles)}-seed{cfg.synth.seed}"
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        generate_eval_set(cfg.synth, cases, folder, profiles, progress=progress, workers=default_workers())
+    return manifest.resolve()
 
 
 def _preamble(cfg, seeds: Sequence[int], site_list: str, steps: int) -> str:

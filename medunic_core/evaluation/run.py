@@ -255,6 +255,19 @@ def evaluate_model(
     return results
 
 
+def heldout_manifest(cfg: MedUniCConfig) -> Path:
+    """Where the held-out rows come from: a fixed evaluation set (``eval.manifest``, shared by
+    every run of an experiment) or the training data's own ``eval.split``."""
+    return Path(cfg.eval.manifest or cfg.data.manifest)
+
+
+def heldout_records(cfg: MedUniCConfig, data_records: Optional[Sequence[Record]] = None) -> list[Record]:
+    """The ``eval.split`` rows of :func:`heldout_manifest` (``data_records``: data.manifest, already read)."""
+    if cfg.eval.manifest or data_records is None:
+        data_records = read_manifest(heldout_manifest(cfg), cfg.data.langs, require_report=False)
+    return [r for r in data_records if r.split == cfg.eval.split]
+
+
 def evaluate(
     run_dir: str | Path,
     out_dir: Optional[str | Path] = None,
@@ -267,10 +280,10 @@ def evaluate(
     out_dir = Path(out_dir or Path(run_dir) / "eval")
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
     records = read_manifest(cfg.data.manifest, cfg.data.langs, require_report=False)  # label-only data too
-    test, _ = prepare_images([r for r in records if r.split == cfg.eval.split], cache, 1.0, progress)
+    test, _ = prepare_images(heldout_records(cfg, records), cache, 1.0, progress)
     train, _ = prepare_images([r for r in records if r.split == "train"], cache, 1.0, progress)
     if not test:
-        raise ConfigError(f"{cfg.data.manifest} has no readable '{cfg.eval.split}' rows to evaluate on")
+        raise ConfigError(f"{heldout_manifest(cfg)} has no readable '{cfg.eval.split}' rows to evaluate on")
     community = None
     if cfg.align.eval_norm == "community":  # a federated export carries them; else measured on train
         community = community_stats_of_run(checkpoint or Path(run_dir) / CHECKPOINT_FILE)

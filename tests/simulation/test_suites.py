@@ -36,3 +36,29 @@ def test_a_broken_suite_is_one_line_naming_the_file(tmp_path):
     bad.write_text("variants:\n  - {name: x, kind: federated, overrides: [data.langs=[en], a=1]}\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_suite(str(bad))
+
+
+def test_a_comparison_of_a_row_the_suite_does_not_make_is_refused_at_load(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants:\n  - {name: x, kind: federated}\neval_norms: [global]\n"
+                   "comparisons:\n  - {name: c, a: [x / eval community], b: [x / eval global]}\n")
+    with pytest.raises(ConfigError, match="x / eval community"):
+        load_suite(str(bad))
+
+
+def test_the_default_suite_writes_its_paired_comparisons(tmp_path):
+    import json
+
+    from simulation.experiments import write_paired
+
+    suite = load_suite("default")
+    rows = {f"{v.name} / eval {n}" for v in suite.variants for n in suite.eval_norms}
+    runs = {row: {m: {"mean": 0.5 + 0.01 * i, "values": [0.5 + 0.01 * i + 0.001 * s for s in range(5)]}
+                  for m in suite.compare_on} for i, row in enumerate(sorted(rows))}
+    (tmp_path / "compare.json").write_text(json.dumps({"metrics": list(suite.compare_on), "runs": runs}))
+    (tmp_path / "compare.md").write_text("# Comparison\n")
+    paired = json.loads(write_paired(tmp_path, suite, [1, 2, 3, 4, 5]).read_text())
+    assert paired["seeds"] == [1, 2, 3, 4, 5]
+    assert {c["comparison"] for c in paired["comparisons"]} == {c.name for c in suite.comparisons}
+    assert all(c["n"] == 5 and c["verdict"] in ("better", "worse", "not resolved") for c in paired["comparisons"])
+    assert "95% t-interval" in (tmp_path / "compare.md").read_text()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
 from medunic_core.cli import add_config_args
 from medunic_core.config import load_config
 from medunic_core.constants import FINDINGS, SPLITS
 from medunic_core.data.manifest import Record, read_manifest
-from medunic_core.data.synthetic.generator import default_workers, generate
+from medunic_core.data.synthetic.generator import default_workers, generate, generate_eval_set
 from medunic_core.federation.runconfig import parse_site_specs, synth_sites_override
 
 
@@ -29,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace synth.sites, e.g. en-1:en:100:default,es-1:es:100:portable",
     )
     p.add_argument("--workers", type=int, default=default_workers(), help="processes (default: %(default)s)")
+    p.add_argument("--eval-set", type=int, default=0, metavar="N",
+                   help="write instead a fixed bilingual evaluation set of N films, each with an EN and an ES "
+                        "report of the same findings, acquired like the sites (use it as eval.manifest)")
     p.set_defaults(func=run)
 
 
@@ -58,7 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.sites:
         overrides.append(synth_sites_override(parse_site_specs(args.sites)))
     cfg = load_config(args.preset, overrides, config_file=args.config)
-    manifest = generate(cfg.synth, out=args.out, progress=not args.no_progress, workers=args.workers)
+    if args.eval_set:
+        profiles = list(dict.fromkeys(site.profile for site in cfg.synth.sites))
+        manifest = generate_eval_set(cfg.synth, args.eval_set, Path(args.out or f"{cfg.synth.out}-eval{args.eval_set}"),
+                                     profiles, progress=not args.no_progress, workers=args.workers)
+    else:
+        manifest = generate(cfg.synth, out=args.out, progress=not args.no_progress, workers=args.workers)
     records = read_manifest(manifest)
     print(f"wrote {len(records)} records to {manifest}")
     print(format_summary(records))

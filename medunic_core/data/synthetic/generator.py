@@ -14,7 +14,7 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -104,6 +104,7 @@ class _Job:
     size: int
     dicom_fraction: float
     image_dir: str
+    langs: tuple[str, ...] = ()  # a bilingual case: one report per language of the same film
 
 
 def _record_rng(seed: int, site_index: int, index: int) -> np.random.Generator:
@@ -140,22 +141,20 @@ def _write_image(img: np.ndarray, stem: Path, rid: str, rng: np.random.Generator
     return path
 
 
-def _make_record(job: _Job) -> Record:
+def _make_records(job: _Job) -> list[Record]:
+    """One record, or for a bilingual case one per language (ids ``<case>-<lang>``, same film)."""
     r_find, r_img, r_report, r_file = _record_rng(job.seed, job.site_index, job.index).spawn(4)
     profile = get_profile(job.profile)
     findings = sample_findings(profile, r_find)
     img = render_image(findings, profile, r_img, job.size)
     rid = f"{job.site}-{job.index:05d}"
     path = _write_image(img, Path(job.image_dir) / rid, rid, r_file, job.dicom_fraction)
-    return Record(
-        id=rid,
-        image_path=str(path),
-        report=write_report(findings, job.lang, r_report),
-        lang=job.lang,
-        split=job.split,
-        site=job.site,
-        labels={n: int(n in findings) for n in FINDINGS},
-    )
+    labels = {n: int(n in findings) for n in FINDINGS}
+    if not job.langs:
+        return [Record(rid, str(path), write_report(findings, job.lang, r_report), job.lang, job.split, job.site,
+                       labels)]
+    return [Record(f"{rid}-{lang}", str(path), write_report(findings, lang, rng), lang, job.split, job.site, labels)
+            for lang, rng in zip(job.langs, r_report.spawn(len(job.langs)))]
 
 
 def assign_splits(n: int, seed: int, site_index: int, test_fraction: float, val_fraction: float) -> list[str]:
@@ -235,14 +234,45 @@ def generate(
     validate_config(cfg)
     root = Path(out if out is not None else cfg.out).resolve()
     jobs = _jobs(cfg, root / "images")
+    return write_manifest(_run_jobs(jobs, progress, workers), root / MANIFEST_NAME)
+
+
+def _run_jobs(jobs: list[_Job], progress: bool, workers: int) -> list[Record]:
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             chunk = max(1, min(32, len(jobs) // (4 * workers)))
-            records = pool.map(_make_record, jobs, chunksize=chunk)
-            done = list(tqdm(records, total=len(jobs), desc="synth", unit="img", disable=not progress))
+            made = pool.map(_make_records, jobs, chunksize=chunk)
+            done = list(tqdm(made, total=len(jobs), desc="synth", unit="img", disable=not progress))
     else:
-        done = [_make_record(j) for j in tqdm(jobs, desc="synth", unit="img", disable=not progress)]
-    return write_manifest(done, root / MANIFEST_NAME)
+        done = [_make_records(j) for j in tqdm(jobs, desc="synth", unit="img", disable=not progress)]
+    return [record for records in done for record in records]
+
+
+EVAL_SITE = "eval"
+EVAL_INDEX = 2**31 - 1  # the evaluation set's spawn key; sites count up from 0
+
+
+def generate_eval_set(
+    cfg: SynthConfig, n: int, out: Path, profiles: Sequence[str], langs: Sequence[str] = LANGUAGES,
+    progress: bool = True, workers: int = 1,
+) -> Path:
+    """A fixed bilingual evaluation set: ``n`` films, each with a report in every language of
+    ``langs`` stating the same findings (the cross-lingual retrieval ground truth), all in
+    split ``test`` of site ``eval``; acquisition cycles through ``profiles`` (the
+    federation's), so no community's scanner is favoured. Its seed stream (``synth.seed``,
+    site index EVAL_INDEX) is apart from every site's, so it never repeats a training film."""
+    if n < 1 or not profiles:
+        raise ConfigError(f"an evaluation set needs at least one case and one profile (got {n}, {list(profiles)})")
+    for profile in profiles:
+        get_profile(profile)
+    root = Path(out).resolve()
+    image_dir = root / "images" / EVAL_SITE
+    image_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [_Job(seed=int(cfg.seed), site_index=EVAL_INDEX, site=EVAL_SITE, lang=langs[0],
+                 profile=profiles[i % len(profiles)], index=i, split="test", size=int(cfg.image_size),
+                 dicom_fraction=float(cfg.dicom_fraction), image_dir=str(image_dir), langs=tuple(langs))
+            for i in range(n)]
+    return write_manifest(_run_jobs(jobs, progress, workers), root / MANIFEST_NAME)
 
 
 def default_workers() -> int:
