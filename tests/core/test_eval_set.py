@@ -37,7 +37,10 @@ def test_synth_writes_the_set_from_the_command_line(tmp_path, capsys):
     assert main(["synth", "--no-progress", "--eval-set", "5", "--out", str(out), "--workers", "1",
                  "synth.image_size=64"]) == 0
     assert len(read_manifest(out / "manifest.jsonl")) == 10
-    assert "wrote 10 records" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "wrote 10 records" in out_text
+    assert [line.split() for line in out_text.splitlines() if line.startswith("eval ")] == [
+        ["eval", "en", "0", "0", "5", "5"], ["eval", "es", "0", "0", "5", "5"]]  # films per language
 
 
 def test_an_evaluation_takes_its_held_out_rows_from_the_fixed_set(synthetic_data, train_overrides, tmp_path):

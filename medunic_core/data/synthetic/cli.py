@@ -39,13 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def format_summary(records: list[Record]) -> str:
     """Two text tables: records per site/language/split, and finding prevalence per site."""
     sites = sorted({(r.site, r.lang) for r in records})
-    counts = Counter((r.site, r.split) for r in records)
+    counts = Counter((r.site, r.lang, r.split) for r in records)  # a bilingual set has two rows per film
     lines = [f"{'site':<12}{'lang':<6}" + "".join(f"{s:>7}" for s in SPLITS) + f"{'total':>7}"]
     for site, lang in sites:
-        row = [counts[(site, s)] for s in SPLITS]
+        row = [counts[(site, lang, s)] for s in SPLITS]
         lines.append(f"{site:<12}{lang:<6}" + "".join(f"{c:>7}" for c in row) + f"{sum(row):>7}")
     lines.append("")
-    names = [s for s, _ in sites]
+    names = list(dict.fromkeys(s for s, _ in sites))
     lines.append(f"{'prevalence':<18}" + "".join(f"{n:>10}" for n in names) + f"{'all':>10}")
     groups = [[r for r in records if r.site == n] for n in names] + [records]
     for finding in (*FINDINGS, "(normal)"):
