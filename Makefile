@@ -46,6 +46,7 @@ wheelhouse: setup
 bench: setup
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/federation_overhead.py
 
 clean:
 	rm -rf wheelhouse runs cache data/synthetic data/federated-* data/public-text-* wandb .pytest_cache .flwr .flwr-test
