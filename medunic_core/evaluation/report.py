@@ -101,6 +101,8 @@ def summary_metrics(results: Results) -> dict[str, Optional[float]]:
             out[f"zeroshot/{lang}/{key}"] = metrics.get(key)
     for fraction, metrics in results.get("linear_probe", {}).items():
         out[f"linear_probe/{_fraction_label(fraction)}/macro_auc"] = metrics.get("mean")
+    if "text_probe" in results:
+        out["text_probe/macro_auc"] = results["text_probe"].get("mean")
     for key, value in results.get("heldout_loss", {}).items():
         out[f"heldout_loss/{key}"] = value
     if "seconds" in results:  # the training's wall time, where an experiment recorded it
@@ -162,6 +164,14 @@ def format_eval_markdown(results: Results) -> str:
         lines += _table(["labels", "macro AUC mean", "std", "per seed"], rows)
         notes = [n for m in probe.values() for n in m.get("notes", [])]
         lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] + ([""] if notes else [])
+
+    text_probe = results.get("text_probe")
+    if text_probe:
+        lines += ["## Linear probe on report embeddings (P_l, all training labels)", "",
+                  "How much of each finding the report embeddings hold; a low value means the text "
+                  "tower, not the images, limits zero-shot and retrieval.", ""]
+        per = text_probe.get("per_finding", {})
+        lines += _table(["macro AUC", *per], [[text_probe.get("mean"), *per.values()]]) + [""]
 
     for kind, path in results.get("tsne", {}).items():
         lines += [f"## t-SNE ({kind})", "", f"![t-SNE of {kind} embeddings]({path})", ""]

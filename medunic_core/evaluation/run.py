@@ -240,6 +240,14 @@ def evaluate_model(
             results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
     if full:
         results["heldout_loss"] = heldout_losses(model, tokenizer, cfg, test, cache, device)
+    train_reported = [r for r in train if r.report]
+    if full and reported and train_reported and not cfg.dp.sgd.enabled:
+        # How much of each finding the report embeddings hold, whatever the images do: where
+        # this is low, the text tower limits zero-shot and retrieval (issue 12's diagnosis).
+        train_text = encoder.texts([r.report for r in train_reported], [r.lang for r in train_reported])[0]
+        results["text_probe"] = linear_probe(train_text, label_matrix(train_reported, FINDINGS),
+                                             results["embeddings"]["text"], label_matrix(reported, FINDINGS),
+                                             [1.0], [0])[1.0]
     if full and train:
         train_feat = encoder.images(train, cache, progress)[1]
         if cfg.dp.sgd.enabled:  # the probe's labels are private data too: DP-SGD
