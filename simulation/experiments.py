@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -131,6 +131,7 @@ def run_experiment(
     out: str | Path = "runs/experiment",
     progress: bool = False,
     suite_name: str = "default",
+    eval_set: Optional[int] = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every variant of the suite for every seed; returns results by row name."""
     suite = load_suite(suite_name)
@@ -151,8 +152,9 @@ def run_experiment(
           f"steps of {cfg.train.batch_size} pairs per run ({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x "
           f"{len(parse_sites(sites))} sites)", flush=True)
     evaluation = [f"data.manifest={manifest.resolve()}", f"data.langs=[{','.join(cfg.data.langs)}]"]
-    if suite.eval_set:
-        evaluation.append(f"eval.manifest={bilingual_eval_set(cfg, sites, pairs_per_site, suite.eval_set, progress)}")
+    cases = suite.eval_set if eval_set is None else eval_set
+    if cases:
+        evaluation.append(f"eval.manifest={bilingual_eval_set(cfg, sites, pairs_per_site, cases, progress)}")
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for variant in suite.variants:
@@ -190,7 +192,8 @@ def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
     runs = json.loads((root / "compare.json").read_text())["runs"]
     rows = paired_comparisons(runs, suite.comparisons, suite.compare_on or suite.columns)
     path = root / "paired.json"
-    path.write_text(json.dumps({"seeds": list(seeds), "level": 0.95, "comparisons": rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"seeds": list(seeds), "level": 0.95, "comparisons": rows}, indent=2,
+                               allow_nan=False) + "\n")
     with (root / "compare.md").open("a") as f:
         f.write("\n" + paired_table(rows, f"Paired over seeds {', '.join(map(str, seeds))}: A - B, 95% t-interval")
                 + "\n")
@@ -228,11 +231,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                    "(default: %(default)s)")
     parser.add_argument("--pairs-per-site", type=int, default=0, help="synthetic pairs per site (default: 400)")
     parser.add_argument("--out", default="runs/experiment", help="experiment folder (default: %(default)s)")
+    parser.add_argument("--eval-set", type=int, default=None, metavar="N",
+                        help="cases of the fixed bilingual evaluation set (default: the suite's eval_set; 0: the "
+                             "sites' own test split)")
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     run_experiment(args.preset, args.overrides, seeds, args.sites, args.pairs_per_site, args.out,
-                   not args.no_progress, args.suite)
+                   not args.no_progress, args.suite, args.eval_set)
     return 0

@@ -31,10 +31,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], higher: bool = Tru
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same seeds: {len(a)} vs {len(b)} values")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    n, mean = len(d), float(d.mean()) if len(d) else math.nan
-    if n < 2:
-        return {"n": n, "mean": mean, "ci": [math.nan, math.nan], "verdict": "not resolved",
-                "differences": d.tolist()}
+    if not len(d):
+        raise ValueError("paired comparison needs at least one seed")
+    n, mean = len(d), float(d.mean())
+    if n < 2:  # no interval from one seed (None: JSON has no NaN)
+        return {"n": n, "mean": mean, "ci": [None, None], "verdict": "not resolved", "differences": d.tolist()}
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
     lo, hi = mean - half, mean + half
     favours_a = lo > 0 if higher else hi < 0
@@ -91,7 +92,7 @@ def paired_table(rows: Sequence[Mapping[str, Any]], title: Optional[str] = None)
              "|---|---|---|---|---:|---:|---|---|"]
     for r in rows:
         lo, hi = r["ci"]
-        interval = "n/a" if math.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
+        interval = "n/a" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
         lines.append(f"| {r['comparison']} | {r['a']} | {r['b']} | {r['metric']} | {r['n']} | {r['mean']:+.3f} | "
                      f"{interval} | {r['verdict']} |")
     return "\n".join(line for line in lines if line)

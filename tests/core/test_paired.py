@@ -33,7 +33,9 @@ def test_lower_is_better_for_losses_and_language_separation():
 
 
 def test_one_seed_or_unpaired_values():
-    assert paired_difference([0.8], [0.7])["verdict"] == "not resolved"
+    one = paired_difference([0.8], [0.7])
+    assert one["verdict"] == "not resolved" and one["ci"] == [None, None]
+    assert "| n/a |" in paired_table([{"comparison": "c", "a": "x", "b": "y", "metric": "m", **one}])
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([0.8, 0.7], [0.7])
 

@@ -62,7 +62,7 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "exp"
     rc = main([
-        "experiment", "--no-progress", "--seeds", "1", "--pairs-per-site", "40", "--out", str(out),
+        "experiment", "--no-progress", "--seeds", "1", "--pairs-per-site", "40", "--out", str(out), "--eval-set", "20",
         "fed.rounds=1", "fed.local_steps=2", "train.batch_size=8", "train.warmup_steps=1",
         "vocab.vocab_size=300", "model.image.kwargs.depth=2", "model.text.num_layers=2",
         "synth.image_size=96", "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]",
@@ -76,3 +76,9 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     assert all(runs[name]["retrieval/mean/R@1"]["values"] for name in runs)  # every variant was evaluated
     table = (out / "compare.md").read_text()
     assert "| run | retrieval/mean/R@1 |" in table and "MLM-initialised" in table
+    # every model was evaluated on the one bilingual set; one seed pairs but resolves nothing
+    evals = [json.loads(p.read_text()) for p in out.glob("*/seed*/**/eval-community/eval.json")]
+    assert len(evals) == 6 and {e["meta"]["n_test"] for e in evals} == {40}
+    paired = json.loads((out / "paired.json").read_text())
+    assert paired["seeds"] == [1] and {c["verdict"] for c in paired["comparisons"]} == {"not resolved"}
+    assert "Paired over seeds 1:" in table
