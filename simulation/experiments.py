@@ -201,10 +201,11 @@ def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
 
 
 def bilingual_eval_set(cfg, sites: str, pairs_per_site: int, cases: int, progress: bool) -> Path:
-    """The experiment's fixed evaluation set (``medunic synth --eval-set``), made once per data
-    seed, size and acquisition profiles of the sites, and reused by every run."""
+    """The experiment's fixed evaluation set (``medunic synth --eval-set``), made once per
+    number of cases, acquisition profiles of the sites, image size and data seed, and reused
+    by every run."""
     profiles = list(dict.fromkeys(s.profile for s in parse_site_specs(sites, pairs_per_site or PAIRS_PER_SITE)))
-    folder = Path("data") / f"eval-{cases}-{'-'.join(profiles)}-seed{cfg.synth.seed}"
+    folder = Path("data") / f"eval-{cases}-{'-'.join(profiles)}-{cfg.synth.image_size}px-seed{cfg.synth.seed}"
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
         generate_eval_set(cfg.synth, cases, folder, profiles, progress=progress, workers=default_workers())
