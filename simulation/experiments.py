@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ def run_experiment(
     """Train and evaluate every variant of the suite for every seed; returns results by row name."""
     suite = load_suite(suite_name)
     root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    write_provenance(root / "run.json", seeds)
     warmup = [f"mlm.steps={suite.mlm_steps}"] if suite.mlm_steps and not any(
         o.startswith("mlm.steps=") for o in overrides) else []
     # data, vocabulary and MLM warm-up once, federated (stage=text), shared by every variant
@@ -197,6 +200,33 @@ def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
     with (root / "compare.md").open("a") as f:
         f.write("\n" + paired_table(rows, f"Paired over seeds {', '.join(map(str, seeds))}: A - B, 95% t-interval")
                 + "\n")
+    return path
+
+
+def write_provenance(path: Path, seeds: Sequence[int]) -> Path:
+    """What a committed result must say about itself: the command, the commit (``+dirty``
+    with uncommitted changes), the machine and the seeds (results/ in the README)."""
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    path.write_text(json.dumps({
+        "command": " ".join(["medunic", *sys.argv[1:]]) if Path(sys.argv[0]).name == "medunic" else " ".join(sys.argv),
+        "commit": commit, "date": time.strftime("%Y-%m-%d"), "seeds": list(seeds),
+        "machine": f"{platform.machine()}, {cores} cores, {gpu}, Python {platform.python_version()}, "
+                   f"torch {torch.__version__}",
+    }, indent=1) + "\n")
     return path
 
 

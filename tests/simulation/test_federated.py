@@ -82,3 +82,4 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     paired = json.loads((out / "paired.json").read_text())
     assert paired["seeds"] == [1] and {c["verdict"] for c in paired["comparisons"]} == {"not resolved"}
     assert "Paired over seeds 1:" in table
+    assert json.loads((out / "run.json").read_text())["seeds"] == [1]  # command, commit and machine beside it

@@ -62,3 +62,14 @@ def test_the_default_suite_writes_its_paired_comparisons(tmp_path):
     assert {c["comparison"] for c in paired["comparisons"]} == {c.name for c in suite.comparisons}
     assert all(c["n"] == 5 and c["verdict"] in ("better", "worse", "not resolved") for c in paired["comparisons"])
     assert "95% t-interval" in (tmp_path / "compare.md").read_text()
+
+
+def test_an_experiment_records_its_command_commit_machine_and_seeds(tmp_path):
+    import json
+
+    from simulation.experiments import write_provenance
+
+    record = json.loads(write_provenance(tmp_path / "run.json", [3, 1]).read_text())
+    assert record["seeds"] == [3, 1] and record["command"] and record["date"]
+    assert record["commit"] != "unknown"  # this checkout is a git repository
+    assert "cores" in record["machine"] and "torch" in record["machine"]
