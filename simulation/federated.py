@@ -96,9 +96,32 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
 
 
 @contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, a service manager, a CI timeout) ends the block through its
+    ``finally`` clauses, like Ctrl-C, instead of leaving what it started running."""
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _exit)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def simulation_superlink(flwr_home: Path, log_file: Path, tag: str, threads: int = 1) -> Iterator[str]:
     """Start a simulation SuperLink on a free loopback port; always stop it and all it
-    spawned (simulation runtime, ServerApp, Ray) when the block ends."""
+    spawned (simulation runtime, ServerApp, Ray) when the block ends, on SIGTERM too."""
+    with _terminate_as_exit():
+        yield from _superlink(flwr_home, log_file, tag, threads)
+
+
+def _superlink(flwr_home: Path, log_file: Path, tag: str, threads: int) -> Iterator[str]:
     port = _free_port()  # Flower 1.42 serves the runtime, control and fleet APIs on one HTTP port
     write_connection(f"127.0.0.1:{port}", None, insecure=True, home=flwr_home, name=CONNECTION)
     command = [

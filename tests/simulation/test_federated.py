@@ -83,3 +83,39 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     assert paired["seeds"] == [1] and {c["verdict"] for c in paired["comparisons"]} == {"not resolved"}
     assert "Paired over seeds 1:" in table
     assert json.loads((out / "run.json").read_text())["seeds"] == [1]  # command, commit and machine beside it
+
+
+def test_a_terminated_simulation_stops_what_it_started(tmp_path):
+    """`kill` (SIGTERM) of `medunic simulate` mid-run leaves no SuperLink, flwr or Ray behind."""
+    import signal
+    import sys
+    import time
+
+    flwr_home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medunic_core.cli", "simulate", "--no-progress", "--sites", "en-1:en", "--rounds", "50",
+         "--pairs-per-site", "40", f"fed.out_dir={tmp_path / 'fed'}", "train.batch_size=8", "vocab.vocab_size=300"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = lambda: [p for p in os.listdir("/proc") if p.isdigit() and p != str(proc.pid)  # noqa: E731
+                       and _has_env(p, f"FLWR_HOME={flwr_home}")]
+    deadline = time.monotonic() + 120
+    while not any("flwr-simulation" in _cmdline(p) for p in started()):  # until the run is under way
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("the simulation did not start within 120 s")
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.monotonic() + 30
+    while started() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert started() == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
