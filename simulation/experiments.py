@@ -18,13 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import platform
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -38,7 +41,7 @@ from medunic_core.evaluation.report import write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.train import train
 from medunic_core.federation.runconfig import PAIRS_PER_SITE, parse_site_specs, parse_sites, synthetic_data_dir
-from simulation.federated import simulate
+from simulation.federated import cores, simulate
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +209,6 @@ def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
 def write_provenance(path: Path, seeds: Sequence[int]) -> Path:
     """What a committed result must say about itself: the command, the commit (``+dirty``
     with uncommitted changes), the machine and the seeds (results/ in the README)."""
-    import platform
-    import subprocess
-    import sys
-
-    import torch
-
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
@@ -219,12 +216,11 @@ def write_provenance(path: Path, seeds: Sequence[int]) -> Path:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     path.write_text(json.dumps({
         "command": " ".join(["medunic", *sys.argv[1:]]) if Path(sys.argv[0]).name == "medunic" else " ".join(sys.argv),
         "commit": commit, "date": time.strftime("%Y-%m-%d"), "seeds": list(seeds),
-        "machine": f"{platform.machine()}, {cores} cores, {gpu}, Python {platform.python_version()}, "
+        "machine": f"{platform.machine()}, {cores()} cores, {gpu}, Python {platform.python_version()}, "
                    f"torch {torch.__version__}",
     }, indent=1) + "\n")
     return path

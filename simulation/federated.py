@@ -156,12 +156,11 @@ def write_run_config(path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
-def flwr_run(connection: str, run_config: Path, n_sites: int, flower_log: Path, env: dict[str, str],
-             progress: bool) -> int:
+def flwr_run(connection: str, run_config: Path, n_sites: int, threads: int, flower_log: Path,
+             env: dict[str, str], progress: bool) -> int:
     """``flwr run`` of this app against a simulation SuperLink, one simulated SuperNode per
     site (``threads_per_site`` CPUs each, all sites at once where the cores allow); streams
     its progress (all of it, or the round lines) and returns its exit code."""
-    threads = threads_per_site(n_sites)
     federation = (
         f"num-supernodes={n_sites} client-resources-num-cpus={threads} client-resources-num-gpus=0.0 "
         f"init-args-num-cpus={max(2, min(n_sites * threads, cores()))}"
@@ -203,7 +202,7 @@ def simulate(
     flower_log = run_dir / f"flower-{stage}.log"
     threads = threads_per_site(n_sites)
     with simulation_superlink(flwr_home, run_dir / "superlink.log", tag, threads) as connection:
-        rc = flwr_run(connection, config, n_sites, flower_log, flower_env(flwr_home, tag, threads), progress)
+        rc = flwr_run(connection, config, n_sites, threads, flower_log, flower_env(flwr_home, tag, threads), progress)
     done = {"all": run_dir / "model" / "checkpoint.pt", "vlp": run_dir / "model" / "checkpoint.pt",
             "text": run_dir / "vocab" / "tokenizer" / "vocab.sha256", "vocab": run_dir / "tokenizer" / "vocab.sha256",
             "mlm": run_dir / "text_encoder" / "config.json"}[stage]

@@ -201,9 +201,9 @@ def evaluate_model(
     device = resolve_device(cfg.train.device)
     encoder = Encoder(model.to(device), tokenizer, cfg, device)
     cache = cache or ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
+    train_reported = [r for r in train if r.report]
     if cfg.align.eval_norm == "community":
         if community is None:
-            train_reported = [r for r in train if r.report]
             if not train_reported:
                 raise ConfigError(
                     "align.eval_norm=community needs community statistics or train reports; a label-only "
@@ -240,7 +240,6 @@ def evaluate_model(
             results["bias"] = {"text": community_bias(text_emb, langs), "encoder": community_bias(text_feat, langs)}
     if full:
         results["heldout_loss"] = heldout_losses(model, tokenizer, cfg, test, cache, device)
-    train_reported = [r for r in train if r.report]
     if full and reported and train_reported and not cfg.dp.sgd.enabled:
         # How much of each finding the report embeddings hold, whatever the images do: where
         # this is low, the text tower limits zero-shot and retrieval (issue 12's diagnosis).
