@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -34,7 +35,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from medunic_core.cli import subprocess_env
 from medunic_core.constants import APP_DIR, LANGUAGES
@@ -43,6 +44,7 @@ from medunic_core.service import ServiceSettings, systemd_unit, write_files
 from server.registry import REGISTRY_FILE, SiteRegistry
 
 CONNECTION = "medunic"
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")  # what `flwr run` prints
 PID_FILE, SERVER_FILE = "superlink.pid", "superlink.json"  # in the state folder: what `server status|stop` read
 HEALTH_WAIT = 60.0  # s: a SuperLink that does not answer over TLS by then has failed
 
@@ -309,21 +311,51 @@ def register_site(public_key: str, name: str, language: str, state: str) -> int:
     return node_id
 
 
-def run(run_config: dict[str, str], state: str, timeout: Optional[float] = None, log_file: Optional[Path] = None) -> int:
-    """``flwr run <app> medunic --stream`` with a run config file; returns flwr's exit code."""
-    home = flwr_home(state)
-    cfg_file = home / f"run-config-{int(time.time() * 1000)}.toml"
+def run(run_config: dict[str, str], state: str, log_file: Optional[Path] = None) -> int:
+    """``flwr run <app> medunic --stream`` with a run config file; 0 only if the run completed."""
+    cfg_file = flwr_home(state) / f"run-config-{int(time.time() * 1000)}.toml"
     cfg_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
     command = [_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--stream", "--run-config", str(cfg_file)]
+    return stream_run(command, CONNECTION, coordinator_env(state), log_file)
+
+
+def stream_run(command: list[str], connection: str, env: dict[str, str], log_file: Optional[Path],
+               echo: Callable[[str], bool] = lambda line: True) -> int:
+    """Run ``flwr run ... --stream``, its output to ``log_file`` and the lines ``echo`` picks to
+    the console; 0 only if the run finished completed. ``flwr run --stream`` exits 0 however the
+    run ended (failed, stopped, or expired before its ServerApp started), so its status is read
+    back with ``flwr ls`` and anything else is an error that says why."""
+    run_id = None
     with (log_file.open("w") if log_file else open(os.devnull, "w")) as log:
-        proc = subprocess.Popen(command, env=coordinator_env(state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=APP_DIR)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=APP_DIR)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            print(line, end="", flush=True)
-        return proc.wait(timeout=timeout)
+            if echo(line):
+                print(line, end="", flush=True)
+            started = RUN_STARTED.search(line)
+            run_id = run_id or (started.group(1) if started else None)
+        rc = proc.wait()
+        if rc != 0 or run_id is None:
+            return rc or 1
+        status, details = run_status(connection, run_id, env)
+        if status == "finished:completed":
+            return 0
+        message = f"medunic: run {run_id} ended {status}" + (f" ({details})" if details else "")
+        log.write(message + "\n")
+        print(message, flush=True)
+        return 1
+
+
+def run_status(connection: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
+    """A run's status (``finished:completed``, ``finished:failed``, ...) and its details, from ``flwr ls``."""
+    out = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", run_id, "--format", "json"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    runs = _json_object(out.stdout).get("runs") or [{}]
+    return str(runs[0].get("status", f"unknown (flwr ls: {out.stdout + out.stderr})".strip())), \
+        str(runs[0].get("status-details") or "")
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from medunic_core.config import load_config
 from medunic_core.constants import APP_DIR
 from medunic_core.errors import MedunicError
 from medunic_core.federation.runconfig import parse_sites
-from server.coordinator import write_connection
+from server.coordinator import stream_run, write_connection
 
 log = logging.getLogger(__name__)
 
@@ -160,22 +160,15 @@ def flwr_run(connection: str, run_config: Path, n_sites: int, threads: int, flow
              env: dict[str, str], progress: bool) -> int:
     """``flwr run`` of this app against a simulation SuperLink, one simulated SuperNode per
     site (``threads_per_site`` CPUs each, all sites at once where the cores allow); streams
-    its progress (all of it, or the round lines) and returns its exit code."""
+    its progress (all of it, or the round lines); 0 only if the run completed."""
     federation = (
         f"num-supernodes={n_sites} client-resources-num-cpus={threads} client-resources-num-gpus=0.0 "
         f"init-args-num-cpus={max(2, min(n_sites * threads, cores()))}"
     )
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(APP_DIR), connection, "--stream",
                "--run-config", str(run_config), "--federation-config", federation]
-    with flower_log.open("w") as logf:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=APP_DIR)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            logf.write(line)
-            if progress or "ROUND" in line or "round" in line or "ERROR" in line or "stage" in line:
-                print(line, end="", flush=True)
-        return proc.wait()
+    return stream_run(command, connection, env, flower_log, echo=lambda line: progress or any(
+        word in line for word in ("ROUND", "round", "ERROR", "stage", "medunic: run")))
 
 
 def simulate(

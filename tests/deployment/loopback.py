@@ -168,7 +168,7 @@ class Loopback:
     def run(self, *extra: str) -> int:
         """``medunic server run`` with the run config: the exit code of ``flwr run``."""
         self.runs += 1
-        return coordinator.run(self.run_config(*extra), str(self.state), timeout=60, log_file=self.tmp / f"run-{self.runs}.log")
+        return coordinator.run(self.run_config(*extra), str(self.state), log_file=self.tmp / f"run-{self.runs}.log")
 
     def run_in_background(self, *extra: str) -> Callable[[float], Optional[int]]:
         """Start :meth:`run` in a thread; returns ``wait(timeout)`` -> exit code (None: still running)."""

@@ -16,7 +16,7 @@ import pytest
 from client.keys import create_site_keys
 from client.supernode import installed_app_hash
 from medunic_core.cli import subprocess_env
-from server.coordinator import write_connection
+from server.coordinator import CONNECTION, run_status, write_connection
 from server.registry import REGISTRY_FILE, SiteRegistry
 from server.superlink import REFUSAL
 
@@ -151,7 +151,10 @@ def test_a_site_runs_only_the_app_it_allows(tmp_path, monkeypatch, synthetic_dat
             assert f"--allow-app {refusals[0]}" in log and installed_app_hash()[:12] in log
             assert not list(lb.site_home(site).glob("apps/outsider*"))  # never installed at the site
             assert lb.sites[site].poll() is None  # the daemon keeps running
-        # the medunic app still runs: a legitimate run completes
-        assert lb.run("fed.rounds=2", "fed.local_steps=2") == 0
+        # the medunic app still runs: a legitimate run completes, once the foreign one has ended
+        foreign = re.search(r"Successfully started run (\d+)", started).group(1)
+        home = subprocess_env(FLWR_HOME=str(tmp_path / "flwr-home"))
+        wait_until(lambda: run_status(CONNECTION, foreign, home)[0].startswith("finished"), 120, "the foreign run ending")
+        assert lb.run("fed.rounds=2", "fed.local_steps=2") == 0, (tmp_path / f"run-{lb.runs}.log").read_text()
         assert [r["round"] for r in lb.rows()] == [1, 2]
         assert all(sorted(r["sites"]) == ["en-1", "es-1"] for r in lb.rows())

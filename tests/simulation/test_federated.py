@@ -9,6 +9,8 @@ import subprocess
 import pytest
 
 from medunic_core.cli import main
+from medunic_core.errors import MedunicError
+from simulation.federated import simulate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,6 +49,14 @@ def test_simulate_en_and_es_sites_end_to_end(tmp_path, monkeypatch):
     # the SuperLink it started, and everything that SuperLink spawned (Ray too), is gone
     assert subprocess.run(["pgrep", "-f", str(flwr_home)], capture_output=True).stdout == b""
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, f"FLWR_HOME={flwr_home}")]
+
+
+def test_a_run_that_fails_is_an_error_that_says_why(tmp_path, monkeypatch):
+    """`flwr run --stream` exits 0 however the run ended; the run's status is read back."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MedunicError, match=r"ended finished:failed.*stage vlp needs the run's tokenizer"):
+        simulate("tiny", [f"fed.out_dir={tmp_path / 'fed'}"], sites="en-1:en", stage="vlp", progress=False)
 
 
 def _has_env(pid: str, entry: str) -> bool:
