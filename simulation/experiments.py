@@ -40,7 +40,8 @@ from medunic_core.evaluation.paired import Comparison, paired_comparisons, paire
 from medunic_core.evaluation.report import write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.train import train
-from medunic_core.federation.runconfig import PAIRS_PER_SITE, parse_site_specs, parse_sites, synthetic_data_dir
+from medunic_core.federation.runconfig import (
+    DEFAULT_SITES, PAIRS_PER_SITE, parse_site_specs, parse_sites, synthetic_data_dir)
 from simulation.federated import cores, simulate
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Suite:
     """A suite of variants (``configs/experiments/NAME.yaml``)."""
 
     description: str = ""
+    sites: str = ""  # the experiment's sites (name:lang[:pairs[:profile]]); "" = DEFAULT_SITES; --sites overrides
     mlm_steps: int = 0  # the shared MLM warm-up; 0 keeps the preset's mlm.steps
     eval_set: int = 0  # cases of a fixed bilingual evaluation set made once for all runs; 0: the data's test split
     eval_norms: list[str] = field(default_factory=lambda: ["global", "community"])
@@ -90,6 +92,11 @@ def load_suite(name: str) -> Suite:
     bad = [v.name for v in suite.variants if v.kind not in KINDS]
     if bad or not suite.variants:
         raise ConfigError(f"{path}: every variant needs kind one of {KINDS} (not: {bad}), and a suite needs variants")
+    for spec in filter(None, (suite.sites, *(v.sites for v in suite.variants))):
+        try:
+            parse_site_specs(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     rows = {f"{v.name} / eval {norm}" for v in suite.variants for norm in suite.eval_norms}
     unknown = [r for c in suite.comparisons for r in (*c.a, *c.b) if r not in rows]
     if unknown:  # found now, not after hours of training
@@ -130,7 +137,7 @@ def run_experiment(
     preset: str,
     overrides: Sequence[str],
     seeds: Sequence[int],
-    sites: str = "en-1:en,es-1:es",
+    sites: Optional[str] = None,
     pairs_per_site: int = 0,
     out: str | Path = "runs/experiment",
     progress: bool = False,
@@ -139,6 +146,7 @@ def run_experiment(
 ) -> dict[str, list[dict[str, Any]]]:
     """Train and evaluate every variant of the suite for every seed; returns results by row name."""
     suite = load_suite(suite_name)
+    sites = sites or suite.sites or DEFAULT_SITES
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     write_provenance(root / "run.json", seeds)
@@ -254,8 +262,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--suite", default="default", help="configs/experiments/NAME.yaml or a path "
                                                               "(default: %(default)s)")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
-    parser.add_argument("--sites", default="en-1:en,es-1:es", help="sites name:lang[:pairs[:profile]] "
-                                                                   "(default: %(default)s)")
+    parser.add_argument("--sites", default=None, help="sites name:lang[:pairs[:profile]] (default: the suite's, "
+                                                       f"else {DEFAULT_SITES})")
     parser.add_argument("--pairs-per-site", type=int, default=0, help="synthetic pairs per site (default: 400)")
     parser.add_argument("--out", default="runs/experiment", help="experiment folder (default: %(default)s)")
     parser.add_argument("--eval-set", type=int, default=None, metavar="N",

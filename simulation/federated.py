@@ -29,7 +29,7 @@ from medunic_core.cli import add_config_args, subprocess_env
 from medunic_core.config import load_config
 from medunic_core.constants import APP_DIR
 from medunic_core.errors import MedunicError
-from medunic_core.federation.runconfig import parse_sites
+from medunic_core.federation.runconfig import DEFAULT_SITES, parse_sites
 from server.coordinator import stream_run, write_connection
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def flwr_run(connection: str, run_config: Path, n_sites: int, threads: int, flow
 def simulate(
     preset: str,
     overrides: Sequence[str],
-    sites: str = "en-1:en,es-1:es",
+    sites: str = DEFAULT_SITES,
     pairs_per_site: int = 0,
     progress: bool = True,
     flwr_home: Optional[Path] = None,
@@ -211,7 +211,7 @@ def simulate(
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("simulate", help="federated Med-UniC in Flower's Simulation Engine (EN+ES sites)")
     add_config_args(parser, preset="tiny")
-    parser.add_argument("--sites", default="en-1:en,es-1:es",
+    parser.add_argument("--sites", default=DEFAULT_SITES,
                         help="sites name:lang[:pairs[:profile]], comma-separated (default: %(default)s)")
     parser.add_argument("--pairs-per-site", type=int, default=0, help="synthetic pairs per site (default: 400)")
     parser.add_argument("--rounds", type=int, default=None, help="shortcut for fed.rounds=N")

@@ -29,13 +29,12 @@ from medunic_core.data.public_text import build_public_text
 from medunic_core.evaluation.bias import community_bias
 from medunic_core.evaluation.report import write_pipeline_report
 from medunic_core.evaluation.run import Encoder
-from medunic_core.federation.runconfig import parse_site_specs, synthetic_data_dir
+from medunic_core.federation.runconfig import DEFAULT_SITES as SITES, parse_site_specs, synthetic_data_dir
 from medunic_core.federation.stages import VLP, stage_model
 from medunic_core.train import resolve_device
 from medunic_core.vocab import load_tokenizer
 from simulation.federated import simulate
 
-SITES = "en-1:en,es-1:es"
 
 
 def prepare_data(data: str, pairs_per_site: int, progress: bool) -> list[str]:

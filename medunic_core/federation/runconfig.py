@@ -50,6 +50,7 @@ COUNT_KEYS = {"rounds": "fed.rounds", "local-steps": "fed.local_steps"}
 # acquisition profile of the i-th synthetic site of a language (medunic_core.data.synthetic)
 PROFILES = {"en": ("default", "portable", "lowdose"), "es": ("highres", "portable", "lowdose")}
 PAIRS_PER_SITE = 400
+DEFAULT_SITES = "en-1:en,es-1:es"  # the simulation's sites unless told otherwise (`make demo`)
 
 
 @dataclass(frozen=True)

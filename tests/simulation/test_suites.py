@@ -7,7 +7,7 @@ import pytest
 
 from medunic_core.config import load_config
 from medunic_core.errors import ConfigError
-from medunic_core.federation.runconfig import parse_sites
+from medunic_core.federation.runconfig import DEFAULT_SITES, parse_site_specs, parse_sites
 from simulation.experiments import SUITES_DIR, load_suite
 
 
@@ -16,8 +16,7 @@ def test_every_suite_and_variant_is_valid(path):
     suite = load_suite(path.stem)
     for variant in suite.variants:
         cfg = load_config("tiny", [*suite.overrides, *variant.overrides])
-        if variant.sites:
-            assert parse_sites(variant.sites)
+        assert parse_sites(variant.sites or suite.sites or DEFAULT_SITES)
         assert cfg.fed.rounds * cfg.fed.local_steps > 0
 
 
@@ -26,8 +25,7 @@ def test_the_diagnosis_gives_every_run_the_same_total_budget():
     budgets = {}
     for variant in suite.variants:
         cfg = load_config("tiny", [*suite.overrides, *variant.overrides])
-        budgets[variant.name] = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(variant.sites or
-                                                                                         "en-1:en,es-1:es"))
+        budgets[variant.name] = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(variant.sites or DEFAULT_SITES))
     assert set(budgets.values()) == {250}, budgets
 
 
@@ -36,6 +34,23 @@ def test_a_broken_suite_is_one_line_naming_the_file(tmp_path):
     bad.write_text("variants:\n  - {name: x, kind: federated, overrides: [data.langs=[en], a=1]}\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_suite(str(bad))
+
+
+def test_a_suite_with_malformed_sites_is_refused_at_load(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sites: 'en-a:en,en-b:xx'\nvariants:\n  - {name: x, kind: federated}\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*en-b:xx"):
+        load_suite(str(bad))
+
+
+def test_the_iid_suite_gives_its_two_runs_the_same_data_and_budget():
+    suite = load_suite("iid")
+    sites = parse_sites(suite.sites)
+    assert len(sites) == 2 and {lang for _, lang in sites} == {"en"}  # two sites of one community ...
+    assert len({(s.n, s.profile) for s in parse_site_specs(suite.sites)}) == 1  # ... drawn alike: IID
+    budgets = {v.name: load_config("tiny", [*suite.overrides, *v.overrides]) for v in suite.variants}
+    assert {c.fed.rounds * c.fed.local_steps * len(sites) for c in budgets.values()} == {250}
+    assert not any(v.sites for v in suite.variants)  # centralized trains on the union of the same two sites
 
 
 def test_a_comparison_of_a_row_the_suite_does_not_make_is_refused_at_load(tmp_path):
