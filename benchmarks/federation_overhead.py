@@ -6,14 +6,15 @@ One run, three measurements on the same preset, model and batch:
 - centralized ``medunic train`` on the site's data for the same steps (the same loop with
   the real data path: cache reads, views, tokenisation), its logged pairs/s;
 - a real one-site Flower simulation (``medunic simulate``, synthetic site ``en-1``) of
-  ``--rounds`` x ``--steps``: each site reports its loop's wall time and pairs/s (data
-  loading included), the coordinator the wall time of each round's train exchange (message
-  transfer, model (re)build, round state, the loop, the reply).
+  ``--rounds`` x ``--steps`` (by default the preset's round: 50 steps in ``make demo``):
+  each site reports its loop's wall time and pairs/s (data loading included), the
+  coordinator the wall time of each round's train exchange (message transfer, model
+  (re)build, round state, the loop, the reply).
 
 Targets (issue 12): in-round throughput >= 0.9 x the plain loop; a round's exchange <= 1.15 x
 the local compute it contains.
 
-    python benchmarks/federation_overhead.py [--preset tiny] [--rounds 3] [--steps 30] [key=value ...]
+    python benchmarks/federation_overhead.py [--preset tiny] [--rounds 3] [--steps N] [key=value ...]
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30, help="local steps per round")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="local steps per round (default: the preset's fed.local_steps, the demo's round)")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary folder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    args.steps = args.steps or load_config(args.preset, args.overrides).fed.local_steps
 
     threads = threads_per_site(1)
     torch.set_num_threads(threads)
