@@ -163,9 +163,10 @@ class EpochStream:
 
 @dataclass
 class TextCollator:
-    """Pads a batch and tokenizes its reports in one call of the fast tokenizer."""
+    """Pads a batch and tokenizes its reports in one call of the fast tokenizer (no
+    tokenizer: images only, for the supervised reference)."""
 
-    tokenizer: Callable
+    tokenizer: Optional[Callable]
     max_length: int
 
     def __call__(self, items: list[dict]) -> dict:
@@ -174,6 +175,8 @@ class TextCollator:
             if key in batch:
                 batch[key] = torch.stack(batch[key])
         batch["index"] = torch.tensor(batch["index"])
+        if self.tokenizer is None:
+            return batch
         tokens = self.tokenizer(
             batch["report"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
@@ -182,8 +185,8 @@ class TextCollator:
         return batch
 
 
-def pair_stream(records: Sequence[Record], cache: ImageCache, tokenizer: Callable, batch_size: int, accum_steps: int,
-                max_length: int, image: Any, seed: int, num_workers: int = 0, rank: int = 0,
+def pair_stream(records: Sequence[Record], cache: ImageCache, tokenizer: Optional[Callable], batch_size: int,
+                accum_steps: int, max_length: int, image: Any, seed: int, num_workers: int = 0, rank: int = 0,
                 world_size: int = 1) -> EpochStream:
     """The training batches of every trainer (centralized, a site's round): two views per
     image and the tokenized reports, full batches only (BatchNorm heads and CTR need them),

@@ -135,6 +135,15 @@ def linear_probe(
     return results
 
 
+def macro_auc(scores: np.ndarray, labels: np.ndarray, findings: Sequence[str] = FINDINGS
+              ) -> tuple[Optional[float], dict[str, float]]:
+    """Mean test AUC of N x K ``scores`` over the findings with both classes among their
+    known ``labels`` (None when there is none), and the AUC of each of those findings."""
+    known = known_mask(labels)
+    usable = [k for k in range(len(findings)) if np.unique(labels[known[:, k], k]).size == 2]
+    return _macro_auc(scores, labels, known, usable, list(findings)) if usable else (None, {})
+
+
 def _macro_auc(scores: np.ndarray, labels: np.ndarray, known: np.ndarray, usable: list[int],
                findings: list[str]) -> tuple[float, dict[str, float]]:
     aucs = {findings[k]: float(roc_auc_score(labels[known[:, k], k].astype(int), scores[known[:, k], k]))
