@@ -351,11 +351,17 @@ def stream_run(command: list[str], connection: str, env: dict[str, str], log_fil
 
 def run_status(connection: str, run_id: str, env: dict[str, str]) -> tuple[str, str]:
     """A run's status (``finished:completed``, ``finished:failed``, ...) and its details, from ``flwr ls``."""
-    out = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", run_id, "--format", "json"], env=env,
-                         capture_output=True, text=True, timeout=120)
-    runs = _json_object(out.stdout).get("runs") or [{}]
-    return str(runs[0].get("status", f"unknown (flwr ls: {out.stdout + out.stderr})".strip())), \
-        str(runs[0].get("status-details") or "")
+    try:
+        out = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", run_id, "--format", "json"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "unknown (flwr ls did not answer within 120 s)", ""
+    answer = _json_object(out.stdout)
+    runs = answer.get("runs")
+    if not runs or not isinstance(runs[0], dict):
+        said = str(answer.get("error-message") or out.stdout + out.stderr).strip().splitlines()
+        return f"unknown (flwr ls: {said[-1] if said else f'exit {out.returncode}'})", ""
+    return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details") or "")
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from medunic_core.cli import main
+from medunic_core.cli import main, subprocess_env
 from medunic_core.errors import ConfigError, MedunicError
 from server import coordinator
 from server.certs import create_ca
@@ -39,6 +39,12 @@ def test_the_connection_is_added_or_updated_and_nothing_else_changes(tmp_path):
     with pytest.raises(ConfigError, match="is not valid TOML"):
         coordinator.write_connection("127.0.0.1:9093", None, True, home=home)
     assert (home / "config.toml").read_text() == "[superlink\n"  # a broken file is never overwritten
+
+
+def test_a_run_status_flower_cannot_give_is_unknown_with_flowers_reason(tmp_path):
+    env = subprocess_env(FLWR_HOME=str(tmp_path / "flwr"))
+    status, details = coordinator.run_status("nowhere", "123", env)
+    assert status.startswith("unknown (flwr ls:") and "'nowhere' not found" in status and details == ""
 
 
 @pytest.mark.slow
