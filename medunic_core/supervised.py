@@ -19,44 +19,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config, save_config
 from medunic_core.constants import FINDINGS
-from medunic_core.data.dataset import EvalDataset, pair_stream, prepare_images
-from medunic_core.data.manifest import Record, read_manifest
+from medunic_core.data.dataset import pair_stream, prepare_images
+from medunic_core.data.manifest import Record
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
-from medunic_core.evaluation.run import heldout_records
+from medunic_core.evaluation.run import heldout_records, image_batches
 from medunic_core.evaluation.linear_probe import macro_auc
 from medunic_core.evaluation.zeroshot import label_matrix
 from medunic_core.loop import train_local
 from medunic_core.models.encoders import ImageEncoder
 from medunic_core.optim import seed_everything
-from medunic_core.train import resolve_device, vlp_stepper
+from medunic_core.train import resolve_device, train_records, vlp_stepper
 
 RESULT_FILE = "supervised.json"
-
-
-def _train_records(cfg: MedUniCConfig) -> list[Record]:
-    records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train", require_report=False)
-    if cfg.train.sites:
-        records = [r for r in records if r.site in set(cfg.train.sites)]
-    if not records:
-        raise ConfigError(f"{cfg.data.manifest}: no train rows (data.langs={list(cfg.data.langs)}, "
-                          f"train.sites={list(cfg.train.sites)})")
-    return records
 
 
 @torch.no_grad()
 def _scores(model: nn.Module, records: list[Record], cache: ImageCache, cfg: MedUniCConfig,
             device: torch.device) -> np.ndarray:
-    img = cfg.model.image
-    loader = DataLoader(EvalDataset(records, cache, img.size, img.mean, img.std), batch_size=cfg.eval.batch_size,
-                        collate_fn=lambda items: torch.stack([it["image"] for it in items]))
     model.eval()
-    return torch.cat([model(images.to(device)).float().cpu() for images in loader]).numpy()
+    return torch.cat([model(images.to(device)).float().cpu() for images in image_batches(records, cache, cfg)]).numpy()
 
 
 def train_supervised(cfg: MedUniCConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -68,7 +54,7 @@ def train_supervised(cfg: MedUniCConfig, out_dir: str | Path, progress: bool = T
     device = resolve_device(cfg.train.device)
     tr = cfg.train
     cache = ImageCache(cfg.data.cache_dir, cfg.model.image.cache_size)
-    records, _ = prepare_images(_train_records(cfg), cache, cfg.data.max_bad_fraction, progress=progress)
+    records, _ = prepare_images(train_records(cfg, require_report=False), cache, cfg.data.max_bad_fraction, progress=progress)
     labels = torch.tensor(label_matrix(records), dtype=torch.float32)
     stream = pair_stream(records, cache, None, tr.batch_size, tr.accum_steps, 0, cfg.model.image, tr.seed,
                          cfg.data.num_workers)

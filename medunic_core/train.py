@@ -33,7 +33,7 @@ from medunic_core.cli import add_config_args
 from medunic_core.config import MedUniCConfig, load_config, save_config, to_dict
 from medunic_core.constants import CHECKPOINT_FILE, DATA_PROBLEMS_FILE, METRICS_FILE
 from medunic_core.data.dataset import pair_stream, prepare_images
-from medunic_core.data.manifest import read_manifest
+from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
 from medunic_core.loop import StepRecord, train_local
@@ -130,6 +130,16 @@ class _Distributed:
             dist.destroy_process_group()
 
 
+def train_records(cfg: MedUniCConfig, require_report: bool = True) -> list[Record]:
+    """The train split of ``data.manifest`` in ``data.langs``, of ``train.sites`` when set."""
+    records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train", require_report=require_report)
+    if cfg.train.sites:
+        records = [r for r in records if r.site in set(cfg.train.sites)]
+        if not records:
+            raise ConfigError(f"train.sites={list(cfg.train.sites)}: no train rows of these sites in {cfg.data.manifest}")
+    return records
+
+
 def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int] = None) -> TrainResult:
     """Train Med-UniC on the manifest's train split; resume from out_dir when asked.
 
@@ -145,11 +155,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
         torch.cuda.set_device(device)
     seed_everything(cfg.train.seed)
 
-    records = read_manifest(cfg.data.manifest, cfg.data.langs, split="train")
-    if cfg.train.sites:
-        records = [r for r in records if r.site in set(cfg.train.sites)]
-        if not records:
-            raise ConfigError(f"train.sites={list(cfg.train.sites)}: no train rows of these sites in {cfg.data.manifest}")
+    records = train_records(cfg)
     langs = sorted({r.lang for r in records})
     log.info("train split: %d pairs, languages %s", len(records), langs)
     reports = [(r.report, r.lang) for r in records]

@@ -103,19 +103,19 @@ class Encoder:
     @torch.no_grad()
     def images(self, records: Sequence[Record], cache: ImageCache, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (P_V embeddings, F_v features), each (N, d)."""
-        img = self.cfg.model.image
-        loader = DataLoader(
-            EvalDataset(records, cache, img.size, img.mean, img.std),
-            batch_size=self.cfg.eval.batch_size,
-            num_workers=self.cfg.data.num_workers,
-            collate_fn=lambda items: torch.stack([it["image"] for it in items]),
-        )
         heads, feats = [], []
-        for images in tqdm(loader, desc="embedding images", disable=not progress):
+        for images in tqdm(image_batches(records, cache, self.cfg), desc="embedding images", disable=not progress):
             f = self.model.image_encoder(images.to(self.device))
             feats.append(f.float().cpu())
             heads.append(self.model.image_head(f).float().cpu())
         return torch.cat(heads).numpy(), torch.cat(feats).numpy()
+
+
+def image_batches(records: Sequence[Record], cache: ImageCache, cfg: MedUniCConfig) -> DataLoader:
+    """Batches of ``eval.batch_size`` evaluation views (one deterministic view per image)."""
+    img = cfg.model.image
+    return DataLoader(EvalDataset(records, cache, img.size, img.mean, img.std), batch_size=cfg.eval.batch_size,
+                      num_workers=cfg.data.num_workers, collate_fn=lambda items: torch.stack([it["image"] for it in items]))
 
 
 def _prompt_embeddings(encoder: Encoder, prompts: dict, lang: str) -> tuple[np.ndarray, np.ndarray]:
