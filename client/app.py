@@ -4,13 +4,14 @@ Each handler reads the site (client.site), builds the run's model, loads the rec
 weights, calls medunic_core and replies with what may leave a site (medunic_core.exchange):
 
 - ``train``: local training for one round -> weights, ``num-examples``, losses, this
-  round's alignment sums of the site's community and the token rows it used; under
+  round's alignment sums of the site's community (of each, at a site of ``en+es``) and the
+  token rows it used; under
   ``dp.updates`` the weights are the clipped, noised update (medunic_core.privacy), the
   token rows are not sent and a ``privacy`` record says what the site has spent;
 - ``query.stats``: alignment sums of a few batches without training (round 1);
 - ``query.community``: per-language P_l statistics for ``align.eval_norm = community``;
-- ``evaluate``: zero-shot (and, with two languages, retrieval and bias) on the site's
-  held-out split;
+- ``evaluate``: zero-shot with the prompts of the site's language(s) (and, with two
+  languages, retrieval and bias) on the site's held-out split;
 - ``train.mlm``: the MLM stage: ``fed.local_steps`` masked-LM steps on the site's
   reports -> weights of the text encoder and MLM head, loss, token rows (DP as in train);
 - ``query.vocab``: the vocabulary stage: per language, document frequencies of the words
@@ -33,6 +34,7 @@ from client.site import Site, check_encoder, device, resolve_site, site_cache, s
 from medunic_core import __version__
 from medunic_core.align import AlignmentState, community_statistics
 from medunic_core.data.dataset import prepare_images
+from medunic_core.data.language import site_languages
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.run import Encoder, evaluate_model
 from medunic_core.exchange import is_batchnorm_entry, load_arrays, model_arrays
@@ -189,11 +191,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         community = AlignmentState.from_flat(record_arrays(msg.content[P.ALIGN]))
     elif s.cfg.align.eval_norm == "community":  # no federation statistics: measure its own language
         train_records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    langs = list(site_languages(s.site.lang))
     results = evaluate_model(
-        s.model, s.tokenizer, s.cfg, test, train_records, community, full=False, cache=s.cache, prompt_langs=[s.site.lang]
+        s.model, s.tokenizer, s.cfg, test, train_records, community, full=False, cache=s.cache, prompt_langs=langs
     )
-    zs = results["zeroshot"][s.site.lang]
-    metrics = {P.NUM_EXAMPLES: len(test), "zeroshot_auc": float(zs["macro_auc"] or 0.0)}
+    # zero-shot with the prompts of each of the site's languages; their mean at a site of several
+    auc = [float(results["zeroshot"][lang]["macro_auc"] or 0.0) for lang in langs]
+    metrics = {P.NUM_EXAMPLES: len(test), "zeroshot_auc": sum(auc) / len(auc)}
     if "retrieval" in results:
         metrics.update({f"retrieval_{k}": float(v) for k, v in results["retrieval"]["mean"].items()})
     return _send(msg, s.site, Content(metrics={P.METRICS: metrics}, configs={P.SITE: _identity(s.site)}))

@@ -1,7 +1,7 @@
 """``medunic client check``: validate a site's data before it joins a federation.
 
 Every manifest row is checked: well-formed, image file present and decodable (PNG/JPG or
-DICOM with pixel data), report non-empty and in the site's declared language, no image
+DICOM with pixel data), report non-empty and in its row's language (one the site declared), no image
 used twice. The summary counts each kind of problem, lists the bad rows by id and file
 name, and shows the split sizes; the command fails (exit 3) when more than
 ``--max-bad`` of the rows are bad or a split the federation needs is empty, so that a
@@ -18,11 +18,11 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from medunic_core.constants import LANGUAGES, SPLITS
-from medunic_core.data.language import detect_language
+from medunic_core.constants import SPLITS
+from medunic_core.data.language import detect_language, site_language_arg, site_languages
 from medunic_core.data.manifest import parse_manifest
 from medunic_core.data.readers import read_image
-from medunic_core.errors import MedunicError, SiteDataError
+from medunic_core.errors import ConfigError, MedunicError, SiteDataError
 
 KINDS = ("malformed row", "missing file", "unreadable image", "empty report", "wrong language", "duplicate image")
 
@@ -80,8 +80,10 @@ def check_site(
     manifest: str | Path, language: str, site: Optional[str] = None, progress: bool = True
 ) -> CheckReport:
     """Check every row of ``manifest`` (restricted to ``site`` when given)."""
-    if language not in LANGUAGES:
-        raise SiteDataError(f"--language {language!r} is not one of {LANGUAGES}")
+    try:
+        langs = site_languages(language)
+    except ConfigError as exc:
+        raise SiteDataError(f"--language: {exc}") from None
     records, manifest_problems = parse_manifest(manifest)
     report = CheckReport(str(manifest), language, site)
     report.problems += [Problem(_kind_of_manifest_problem(p.message), p.row, p.id, "", p.message)
@@ -98,12 +100,12 @@ def check_site(
     seen_images: dict[str, str] = {}
     for row, rec in tqdm(rows, desc="checking rows", disable=not progress):
         bad = []
-        if rec.lang != language:
+        if rec.lang not in langs:
             bad.append(Problem("wrong language", row, rec.id, rec.image_path,
                                f"declared '{rec.lang}' in a '{language}' site"))
         else:
             detected = detect_language(rec.report)
-            if detected is not None and detected != language:
+            if detected is not None and detected != rec.lang:
                 bad.append(Problem("wrong language", row, rec.id, rec.image_path,
                                    f"the report reads as '{detected}'"))
         key = str(Path(rec.image_path).resolve())
@@ -148,7 +150,8 @@ def run_check(args: argparse.Namespace) -> int:
 def add_check_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("check", help="validate a site's manifest, images and reports")
     parser.add_argument("--data", required=True, help="the site's manifest (.jsonl or .csv)")
-    parser.add_argument("--language", required=True, choices=LANGUAGES, help="the site's language community")
+    parser.add_argument("--language", required=True, type=site_language_arg,
+                        help="the site's language community (en, es, or en+es for a site whose reports come in both)")
     parser.add_argument("--site", default=None, help="only the rows of this site")
     parser.add_argument("--max-bad", type=float, default=0.05, help="largest share of bad rows to accept (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true")

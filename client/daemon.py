@@ -30,7 +30,7 @@ from client.check import check_site, refusals
 from client.site import SiteState
 from client.supernode import check_sha256, installed_app_hash
 from medunic_core.cli import subprocess_env
-from medunic_core.constants import LANGUAGES
+from medunic_core.data.language import site_language, site_language_arg
 from medunic_core.errors import ConfigError, SiteDataError
 from medunic_core.service import ServiceSettings, systemd_unit, write_files
 
@@ -66,8 +66,7 @@ class SiteSettings(ServiceSettings):
               "keys are the flags of `medunic client start --help`; docs/deployment.md explains each")
 
     def __post_init__(self) -> None:
-        if self.language not in LANGUAGES:
-            raise ConfigError(f"language {self.language!r} is not one of {LANGUAGES}")
+        self.language = site_language(self.language)
         for name in ("dp_max_epsilon", "dp_max_delta"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -153,7 +152,8 @@ def init(settings: SiteSettings, out: Path, unit: Optional[Path], user: str, for
 
 def _settings_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--site", required=required, help="this site's name")
-    p.add_argument("--language", required=required, choices=LANGUAGES)
+    p.add_argument("--language", required=required, type=site_language_arg,
+                   help="the site's language community (en, es, or en+es for a site whose reports come in both)")
     p.add_argument("--data", required=required, help="the site's manifest")
     p.add_argument("--superlink", required=required, help="coordinator address HOST:PORT")
     p.add_argument("--tokenizer", required=required, help="the federation's tokenizer folder (a local copy)")

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from medunic_core.config import MedUniCConfig, load_config
-from medunic_core.constants import LANGUAGES
+from medunic_core.data.language import site_language
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError, PrivacyBudgetError
 from medunic_core.export import folder_sha256
@@ -124,7 +124,7 @@ class SiteState:
 @dataclass(frozen=True)
 class Site:
     name: str
-    lang: str
+    lang: str  # its language community, or several joined by '+' (medunic_core.data.language)
     manifest: str
     cache_dir: str
     tokenizer: str
@@ -156,9 +156,10 @@ def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
         missing = [k for k in ("lang", "data-path", "state-dir") if k not in node_config]
         if missing:
             raise ConfigError(f"node config of site '{node_config['site']}' lacks {missing}")
-        lang = str(node_config["lang"])
-        if lang not in LANGUAGES:
-            raise ConfigError(f"node config lang '{lang}' is not one of {LANGUAGES}")
+        try:
+            lang = site_language(str(node_config["lang"]))
+        except ConfigError as exc:
+            raise ConfigError(f"node config lang: {exc}") from None
         return Site(
             str(node_config["site"]), lang, str(node_config["data-path"]),
             str(node_config.get("cache-dir", cfg.data.cache_dir)), tokenizer, str(node_config["state-dir"]),

@@ -13,7 +13,9 @@ aggregate by addition:
 Two uses. In training (``align.train_norm = mixed``) a site of community c normalises every
 listed BatchNorm with the mixture p_c * (live batch moments) + sum_c' p_c' * (stored moments
 of c'), and CTR's C is the same mixture, so that gradients see a mixed population while
-only the live part carries gradients. At inference (``align.eval_norm = community``) a
+only the live part carries gradients. A site whose batches hold several communities (a
+site of ``en+es``) mixes in only the communities its batch lacks: with all of them live it
+normalises as centralized training does, over the batch. At inference (``align.eval_norm = community``) a
 report is normalised with its own community's statistics.
 
 Everything here is plain torch: the federated code moves :class:`AlignmentState` as a flat
@@ -134,10 +136,11 @@ class Aligner:
     ``mode``:
       - ``"record"``: ordinary BatchNorm; only collects sums into :attr:`collected`.
       - ``"local"``: training standardises each community's rows on their own batch
-        moments (a federated site's batch holds one community: plain BatchNorm).
-      - ``"mixed"``: training normalises with the mixture of the live batch and the other
-        communities' moments from ``others`` (weights ``weights``, summing to 1), and
-        :meth:`mixed_cross` gives CTR's C for the mixed population.
+        moments (a batch of one community, a one-language site's: plain BatchNorm).
+      - ``"mixed"``: training normalises with the mixture of the live batch and the
+        moments from ``others`` of the communities the batch lacks (weights ``weights``,
+        summing to 1), and :meth:`mixed_cross` gives CTR's C for the mixed population; a
+        batch of every community is plain BatchNorm.
       - ``"community"``: evaluation normalises each row with its own community's
         moments from ``others`` (``align.eval_norm = community``).
 
@@ -171,7 +174,7 @@ class Aligner:
         self._calls: dict[str, int] = {}
         self._ctr_inputs: list[torch.Tensor] = []
         self._ctr_moments: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._live_c: Optional[str] = None
+        self._live: frozenset[str] = frozenset()
 
     # -- lifecycle ---------------------------------------------------------------------
     @contextmanager
@@ -191,10 +194,7 @@ class Aligner:
         self._calls.clear()
         self._ctr_inputs.clear()
         self._ctr_moments.clear()
-        present = set(self._communities)
-        self._live_c = next(iter(present)) if len(present) == 1 else None
-        if self.mode == "mixed" and self._live_c is None:
-            raise ValueError("mixed normalisation needs a batch of one community (a site's batch)")
+        self._live = frozenset(self._communities)
 
     # -- the BatchNorm hook ------------------------------------------------------------
     def normalize(self, bn: AlignableBatchNorm1d, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,7 @@ class Aligner:
             mean_var = self._mixed_moments(key, x)
         elif self.mode == "community" and not bn.training:
             return self._community_norm(bn, key, x, self.others)
-        elif self.mode == "local" and bn.training and self._live_c is None:
+        elif self.mode == "local" and bn.training and len(self._live) > 1:
             return self._community_norm(bn, key, x, None)
         if mean_var is None:  # ordinary BatchNorm (no stored moments for this layer yet)
             y = nn.BatchNorm1d.forward(bn, x)
@@ -220,12 +220,7 @@ class Aligner:
                 self._ctr_moments.append((x.mean(0), x.var(0, unbiased=False)))
             return y
         mean, var = mean_var
-        if bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                m = bn.momentum if bn.momentum is not None else 0.1
-                bn.running_mean.mul_(1 - m).add_(m * mean.detach())
-                bn.running_var.mul_(1 - m).add_(m * var.detach())
-                bn.num_batches_tracked += 1
+        _track(bn, mean, var)
         if bn.align_name == CTR_NORM:
             self._ctr_moments.append((mean, var))
         return bn._apply_norm(x, mean, var)
@@ -247,13 +242,13 @@ class Aligner:
                     self.collected.add(c, CROSS_KEY, u_a[rows].t() @ u_b[rows], self.decay)
 
     def _mix(self) -> list[tuple[str, float]]:
-        """(community, weight) of the others; the live community's weight is the rest."""
-        live = self._live_c
-        others = [c for c in self.others.communities if c != live]
+        """(community, weight) of the communities the batch lacks; the live batch's weight
+        is the rest."""
+        others = [c for c in self.others.communities if c not in self._live]
         if self.weights:
             return [(c, float(self.weights.get(c, 0.0))) for c in others]
         counts = {c: self.others.count(c) for c in others}
-        live_n = self.others.count(live) or float(len(self._communities))
+        live_n = sum(self.others.count(c) for c in self._live) or float(len(self._communities))
         total = live_n + sum(counts.values())
         return [(c, counts[c] / total) for c in others]
 
@@ -277,7 +272,10 @@ class Aligner:
         self, bn: AlignableBatchNorm1d, key: str, x: torch.Tensor, stats: Optional[AlignmentState]
     ) -> torch.Tensor:
         """Each community's rows standardised with that community's moments: stored ones
-        (``stats``) or, when None, the rows' own batch moments."""
+        (``stats``) or, when None, the rows' own batch moments (in training the running
+        statistics follow the whole batch, the population ``eval_norm = global`` assumes)."""
+        if stats is None and bn.training:
+            _track(bn, x.mean(0), x.var(0))
         out = torch.empty_like(x)
         for c in sorted(set(self._communities)):
             rows = [i for i, rc in enumerate(self._communities) if rc == c]
@@ -322,6 +320,16 @@ class Aligner:
             centred = cross - m_a[:, None] * mu_b[None, :] - mu_a[:, None] * m_b[None, :] + mu_a[:, None] * mu_b[None, :]
             c = c + w * centred / (sd_a[:, None] * sd_b[None, :])
         return c
+
+
+def _track(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """One update of ``bn``'s running statistics, as a normalisation outside its own forward."""
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            m = bn.momentum if bn.momentum is not None else 0.1
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach())
+            bn.num_batches_tracked += 1
 
 
 def alignment_layout(model: nn.Module, ctr: bool = True, include_image: bool = False,

@@ -3,9 +3,12 @@
 A site trains the received model for ``fed.local_steps`` optimizer steps on its own
 pairs, with the learning rate the centralized schedule would have at those steps, and
 returns what may leave the site: the updated weights (by the caller), the number of
-pairs seen, mean losses, this round's alignment sums of its community and which token
-rows its batches used. With ``align.train_norm = mixed`` the text-path BatchNorms and
-CTR's C mix the live batch with the other communities' stored moments.
+pairs seen, mean losses, this round's alignment sums of its community (of each, at a site
+whose reports come in several languages) and which token rows its batches used. With
+``align.train_norm = mixed`` the text-path BatchNorms and CTR's C mix the live batch with
+the stored moments of the communities it lacks (a site of every language: none, plain
+BatchNorm as in centralized training); with ``local`` each language's rows are standardised
+on their own.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from medunic_core.align import Aligner, AlignmentState
 from medunic_core.checkpoint import rng_state, set_rng_state
 from medunic_core.config import MedUniCConfig
 from medunic_core.data.dataset import pair_stream, prepare_images
+from medunic_core.data.language import site_languages
 from medunic_core.data.manifest import Record, read_manifest
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import SiteDataError
@@ -42,10 +46,11 @@ class SiteRound:
 
 
 def site_records(cfg: MedUniCConfig, site: str, lang: str, split: str, manifest: Optional[str] = None) -> list[Record]:
-    """The rows of one site and split; a row of another language is an error, by id."""
+    """The rows of one site and split; a row of a language the site does not hold (``lang``:
+    its languages, e.g. ``en`` or ``en+es``) is an error, by id."""
     path = manifest or cfg.data.manifest
     records = [r for r in read_manifest(path, None, split=split) if r.site == site]
-    wrong = [r.id for r in records if r.lang != lang]
+    wrong = [r.id for r in records if r.lang not in site_languages(lang)]
     if wrong:
         raise SiteDataError(
             f"site '{site}' is declared '{lang}' but {len(wrong)} of its rows in {path} are not: "
@@ -68,7 +73,7 @@ def train_site(
     progress: bool = False,
     carried: Optional[RoundState] = None,
 ) -> SiteRound:
-    """Train ``model`` in place for one round on one community's pairs (medunic_core.loop):
+    """Train ``model`` in place for one round on the site's pairs (medunic_core.loop):
     ``fed.local_steps`` steps at their place on the centralized schedule of ``fed.rounds x
     fed.local_steps`` steps; with FedProx, the proximal term joins the loss.
 
@@ -77,9 +82,6 @@ def train_site(
     one-site federation then trains exactly as centralized training on its data."""
     fed, tr = cfg.fed, cfg.train
     records, _ = prepare_images(records, cache, cfg.data.max_bad_fraction, progress=False)
-    langs = {r.lang for r in records}
-    if len(langs) != 1:
-        raise SiteDataError(f"a site trains on one language community, got {sorted(langs)}")
     if len(records) < tr.batch_size:
         raise SiteDataError(f"{len(records)} training pairs are fewer than one batch of {tr.batch_size}")
     stream = pair_stream(records, cache, tokenizer, tr.batch_size, tr.accum_steps, cfg.model.text.max_length,
@@ -92,7 +94,7 @@ def train_site(
         stream.epoch = server_round * EPOCHS_PER_ROUND
 
     model.to(device).train()
-    mode = "mixed" if cfg.align.train_norm == "mixed" and others is not None and others.communities else "local"
+    mode = "mixed" if cfg.align.train_norm == "mixed" else "local"
     aligner = Aligner(model, mode=mode, others=others, include_image=cfg.align.image)
     first = (server_round - 1) * fed.local_steps
     stepper = vlp_stepper(model, cfg, fed.rounds * fed.local_steps, device, first_step=first)

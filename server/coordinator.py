@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from medunic_core.cli import subprocess_env
-from medunic_core.constants import APP_DIR, LANGUAGES
+from medunic_core.constants import APP_DIR
+from medunic_core.data.language import site_language, site_language_arg
 from medunic_core.errors import ConfigError, MedunicError
 from medunic_core.service import ServiceSettings, systemd_unit, write_files
 from server.registry import REGISTRY_FILE, SiteRegistry
@@ -291,8 +292,7 @@ def _json_object(text: str) -> dict:
 def register_site(public_key: str, name: str, language: str, state: str) -> int:
     """Register a site's public key with the SuperLink and record its node id, name and
     language in the site registry; returns the node id."""
-    if language not in LANGUAGES:
-        raise ConfigError(f"--language {language!r} is not one of {LANGUAGES}")
+    language = site_language(language)
     registry = SiteRegistry.load(Path(state) / REGISTRY_FILE)
     key = Path(public_key)
     if not key.is_file():
@@ -413,7 +413,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = commands.add_parser("register", help="allow a site's SuperNode key")
     p.add_argument("public_key", help="the site's OpenSSH public key (made by `medunic client keygen`)")
     p.add_argument("--name", required=True, help="site name")
-    p.add_argument("--language", required=True, choices=LANGUAGES, help="the site's language community")
+    p.add_argument("--language", required=True, type=site_language_arg,
+                   help="the site's language community (en, es, or en+es for a site whose reports come in both)")
     _state_arg(p)
     p.set_defaults(func=lambda a: register_site(a.public_key, a.name, a.language, _state(a)) and 0)
     for name, what in (("status", "the SuperLink's health and the registered sites"),

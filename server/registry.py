@@ -1,4 +1,5 @@
-"""Who is who in a federation: node id -> site name and language community.
+"""Who is who in a federation: node id -> site name and language community (a site whose
+reports come in both languages is one site of ``en+es``, medunic_core.data.language).
 
 A site's name and community are not taken from its replies. In a deployment the
 coordinator registers each site's public key (``medunic server register KEY --name
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from medunic_core.data.language import site_language, site_languages
 from medunic_core.errors import ConfigError
 from medunic_core.federation.replies import InvalidReply
 from medunic_core.keyfiles import key_fingerprint
@@ -98,8 +100,13 @@ class SiteIdentities:
         if self.registry is not None:
             raise InvalidReply(f"node {node_id} is not in the site registry {self.registry.path}")
         name, community = claimed
-        if community not in self.communities:
-            raise InvalidReply(f"community '{community[:10]}' is not one of this run's {list(self.communities)}")
+        try:
+            langs = site_languages(community)
+        except ConfigError:
+            langs = ()
+        if not langs or not set(langs) <= set(self.communities) or community != site_language(community):
+            raise InvalidReply(f"community '{community[:10]}' is not one of this run's {list(self.communities)} "
+                               "(or several of them, joined by '+' in that order)")
         holder = next((n for n, (other, _) in self.bound.items() if other == name), None)
         if holder is not None:
             raise InvalidReply(f"site name '{name}' belongs to node {holder}")

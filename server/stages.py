@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from medunic_core import __version__
 from medunic_core.align import AlignmentState, alignment_layout
 from medunic_core.config import MedUniCConfig, load_config
+from medunic_core.constants import LANGUAGES
 from medunic_core.data.dataset import prepare_images
 from medunic_core.data.manifest import Record
 from medunic_core.data.preprocess import ImageCache
@@ -296,18 +297,18 @@ class VocabStage:
     def run(self, grid: Grid) -> Path:
         vocab, fed = self.cfg.vocab, self.cfg.fed
         content = RecordDict({P.CONFIG: ConfigRecord(self.federation.message_config(**{P.STAGE: "vocab"}))})
+        counted = [lang for lang in LANGUAGES if counts_language(vocab, lang)]
         got = broadcast(grid, self.federation.nodes(grid, "vocabulary stage"), content, P.QUERY_VOCAB,
                         fed.round_timeout, self.federation.identities,
-                        lambda c, lang: check_vocab_reply(c, lang, counts_language(vocab, lang), vocab.min_df,
-                                                          fed.max_site_records),
+                        lambda c, community: check_vocab_reply(c, community, counted, vocab.min_df,
+                                                               fed.max_site_records),
                         "vocabulary stage")
         counts: dict[str, Counter] = {}
         reports: Counter = Counter()
         sites: dict[str, dict[str, int]] = {}
-        for site, (words, n) in got.accepted.items():
-            lang = got.communities[site]
-            sites[site] = {lang: n} if counts_language(vocab, lang) else {}
-            if counts_language(vocab, lang):
+        for site, per_language in got.accepted.items():
+            sites[site] = {lang: n for lang, (_, n) in per_language.items()}
+            for lang, (words, n) in per_language.items():
                 counts.setdefault(lang, Counter()).update(words)
                 reports[lang] += n
         minimum = self.federation.sizes()[1]

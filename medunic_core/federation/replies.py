@@ -7,8 +7,9 @@ Whatever arrives over the network is hostile until checked. A reply is accepted 
 - its arrays have exactly the names, shapes and dtype the coordinator sent, all finite;
 - its counts (``num-examples``, alignment ``n``, report counts) are finite, whole,
   positive and at most what the run makes possible;
-- its alignment sums are of the site's own community, of the model's layout, finite and
-  consistent (variances >= 0, cross-moments within Cauchy-Schwarz);
+- its alignment sums are of the site's own community (communities, at a site of
+  several languages), of the model's layout, finite and consistent (variances >= 0,
+  cross-moments within Cauchy-Schwarz);
 - its metrics are finite numbers (rates within [0, 1]).
 
 A reply that fails raises :class:`InvalidReply` with a one-line reason; the coordinator
@@ -20,12 +21,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Collection, Mapping, Optional
 
 import numpy as np
 
 from medunic_core.align import CROSS_KEY, CTR_NORM, AlignmentState
-from medunic_core.errors import MedunicError
+from medunic_core.data.language import site_languages
+from medunic_core.errors import ConfigError, MedunicError
 from medunic_core.federation import payload as P
 from medunic_core.privacy import RELEASE_FIELDS
 
@@ -171,31 +173,49 @@ def check_metrics(metrics: Mapping[str, Any], max_examples: float, rates: bool =
 
 def check_alignment(flat: Mapping[str, np.ndarray], community: str, layout: Mapping[str, tuple[int, ...]],
                     max_n: float) -> AlignmentState:
-    """The site's own community's sums, with exactly the ``layout``'s keys and shapes,
-    finite, whole and equal counts, non-negative variances and cross-moments within
-    Cauchy-Schwarz."""
+    """The sums of the site's own community (``community``; at a site of several languages,
+    ``en+es``, of some or all of them), each with exactly the ``layout``'s keys and shapes,
+    finite, whole and equal counts (at most ``max_n`` in all), non-negative variances and
+    cross-moments within Cauchy-Schwarz."""
     if not flat:
         raise InvalidReply("empty alignment record")
-    sums: dict[str, np.ndarray] = {}
+    own = _languages(community)
+    sums: dict[str, dict[str, np.ndarray]] = {}
     for name, value in flat.items():
         c, sep, key = str(name).partition("/")
-        if not sep or c != community:
+        if not sep or c not in own:
             raise InvalidReply(f"alignment entry '{str(name)[:60]}' is not of the site's community '{community}'")
-        sums[key] = value
+        sums.setdefault(c, {})[key] = value
+    total = sum(_community_count(sums[c], c, layout, max_n) for c in sums)
+    if total > max_n:
+        raise InvalidReply(f"alignment counts add up to {total:g}, more than the {max_n:g} pairs of a round")
+    return AlignmentState.from_flat({f"{c}/{k}": v for c, part in sums.items() for k, v in part.items()})
+
+
+def _languages(community: str) -> tuple[str, ...]:
+    try:
+        return site_languages(community)
+    except ConfigError:
+        raise InvalidReply(f"community '{str(community)[:20]}' is not a language or languages") from None
+
+
+def _community_count(sums: Mapping[str, np.ndarray], community: str, layout: Mapping[str, tuple[int, ...]],
+                     max_n: float) -> float:
+    """One community's sums checked (see :func:`check_alignment`) -> its count."""
     missing, extra = sorted(set(layout) - set(sums)), sorted(set(sums) - set(layout))
     if missing or extra:
-        raise InvalidReply(f"alignment keys do not match the model: missing {missing[:3]}, unexpected "
+        raise InvalidReply(f"{community} alignment keys do not match the model: missing {missing[:3]}, unexpected "
                            f"{[e[:60] for e in extra[:3]]}")
     for key, shape in layout.items():
         v = sums[key]
         if not isinstance(v, np.ndarray) or v.dtype != np.float32 or tuple(v.shape) != tuple(shape):
-            raise InvalidReply(f"alignment {key}: {getattr(v, 'dtype', '?')} {getattr(v, 'shape', '?')}, expected "
-                               f"float32 {tuple(shape)}")
+            raise InvalidReply(f"alignment {community}/{key}: {getattr(v, 'dtype', '?')} {getattr(v, 'shape', '?')}, "
+                               f"expected float32 {tuple(shape)}")
         if not np.isfinite(v).all():
-            raise InvalidReply(f"alignment {key} is not finite")
-    counts = {count(sums[k].reshape(-1)[0], f"alignment {k}", max_n) for k in layout if k.endswith(".n")}
+            raise InvalidReply(f"alignment {community}/{key} is not finite")
+    counts = {count(sums[k].reshape(-1)[0], f"alignment {community}/{k}", max_n) for k in layout if k.endswith(".n")}
     if len(counts) > 1:
-        raise InvalidReply(f"alignment counts differ between layers: {sorted(counts)[:4]}")
+        raise InvalidReply(f"{community} alignment counts differ between layers: {sorted(counts)[:4]}")
     n = float(counts.pop()) if counts else 1.0
     for key in layout:
         if not key.endswith(".sum"):
@@ -204,13 +224,13 @@ def check_alignment(flat: Mapping[str, np.ndarray], community: str, layout: Mapp
         mean = sums[key].astype(np.float64) / n
         second = sums[f"{base}.sumsq"].astype(np.float64) / n
         if (second < -1e-6).any() or (second - mean * mean < -1e-3 * (1.0 + mean * mean)).any():
-            raise InvalidReply(f"alignment {base}: a negative variance")
+            raise InvalidReply(f"alignment {community}/{base}: a negative variance")
     if CROSS_KEY in layout:
         a, b = (sums[f"{CTR_NORM}#{call}.sumsq"].astype(np.float64) for call in (0, 1))
         bound = np.sqrt(np.outer(a, b)) * (1 + 1e-3) + 1e-6
         if (np.abs(sums[CROSS_KEY].astype(np.float64)) > bound).any():
-            raise InvalidReply("alignment cross-moment exceeds its Cauchy-Schwarz bound")
-    return AlignmentState.from_flat({f"{community}/{k}": v for k, v in sums.items()})
+            raise InvalidReply(f"{community} alignment cross-moment exceeds its Cauchy-Schwarz bound")
+    return n
 
 
 def check_usage(record: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
@@ -269,16 +289,21 @@ def check_evaluate_reply(content: Content, max_records: float) -> tuple[int, dic
     return check_metrics(content.metrics[P.METRICS], max_records, rates=True)
 
 
-def check_vocab_reply(content: Content, community: str, counted: bool, min_df: int,
-                      max_records: float) -> tuple[Counter, int]:
-    """A vocabulary reply: when the stage ``counted`` the site's community, the document
-    frequencies of its words, each in at least ``min_df`` and at most all of its reports ->
-    (word counts, number of reports); otherwise no vocabulary record at all."""
-    name = f"{P.VOCAB_PREFIX}{community}"
-    check_records(content, {P.SITE: "config", **({name: "config"} if counted else {})})
-    if not counted:
-        return Counter(), 0
-    record = content.configs[name]
+def check_vocab_reply(content: Content, community: str, counted: Collection[str], min_df: int,
+                      max_records: float) -> dict[str, tuple[Counter, int]]:
+    """A vocabulary reply: for each of the site's languages (``community``: one, or several
+    joined by '+') that the stage ``counted``, the document frequencies of its words, each in
+    at least ``min_df`` and at most all of its reports -> {language: (word counts, number of
+    reports)}; no vocabulary record of any other language."""
+    langs = [lang for lang in _languages(community) if lang in counted]
+    check_records(content, {P.SITE: "config", **{f"{P.VOCAB_PREFIX}{lang}": "config" for lang in langs}})
+    out = {lang: _vocab_record(content.configs[f"{P.VOCAB_PREFIX}{lang}"], min_df, max_records) for lang in langs}
+    if sum(n for _, n in out.values()) > max_records:
+        raise InvalidReply(f"vocabulary report counts add up to more than the {max_records:g} records of a site")
+    return out
+
+
+def _vocab_record(record: Mapping[str, Any], min_df: int, max_records: float) -> tuple[Counter, int]:
     if set(record) != {P.WORDS, P.DF, P.REPORTS}:
         raise InvalidReply(f"vocabulary record has keys {sorted(map(str, record))[:5]}, expected "
                            f"{[P.WORDS, P.DF, P.REPORTS]}")

@@ -9,7 +9,7 @@ medunic ``key=value`` in ``overrides``. Both sides read it the same way
 |---|---|---|
 | ``stage`` | | ``all`` (vocab -> mlm -> vlp, each when its output is missing), ``text`` (vocab -> mlm only), ``vocab``, ``mlm``, ``vlp`` |
 | ``preset`` | | configs/presets/NAME.yaml |
-| ``sites`` | | simulation: partition i -> site ``name:lang`` (``"en-1:en,es-1:es"``); deployment: empty |
+| ``sites`` | | simulation: partition i -> site ``name:lang`` (``"en-1:en,es-1:es"``, ``lang`` may be ``en+es``); deployment: empty |
 | ``rounds``, ``local-steps`` | ``fed.rounds``, ``fed.local_steps`` | 0 keeps the preset's |
 | ``out`` | ``fed.out_dir`` | the run folder |
 | ``data`` | ``data.manifest`` | simulation: the sites' shared manifest (generated when missing) |
@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 from medunic_core.config import MedUniCConfig, load_config
 from medunic_core.constants import LANGUAGES
+from medunic_core.data.language import site_language, site_languages
 from medunic_core.errors import ConfigError
 
 STAGES = ("all", "text", "vocab", "mlm", "vlp")
@@ -66,17 +67,22 @@ class SiteSpec:
 def parse_site_specs(spec: str, pairs: int = PAIRS_PER_SITE) -> list[SiteSpec]:
     """``"en-1:en,es-1:es:200:portable"`` -> sites: ``name:lang[:pairs[:profile]]``, the one way
     sites are written (run config, ``medunic simulate --sites``, ``medunic synth --sites``).
-    A synthetic site without a profile gets its language's next one (:data:`PROFILES`)."""
+    ``lang`` is a language or several joined by '+' (``en+es``: a site with reports in both,
+    half of its pairs in each). A synthetic site without a profile gets its first language's
+    next one (:data:`PROFILES`)."""
     sites: list[SiteSpec] = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         parts = item.split(":")
-        if len(parts) not in (2, 3, 4) or not parts[0] or parts[1] not in LANGUAGES or (
-                len(parts) > 2 and not parts[2].isdigit()):
+        if len(parts) not in (2, 3, 4) or not parts[0] or (len(parts) > 2 and not parts[2].isdigit()):
             raise ConfigError(f"sites: '{item}' is not name:lang[:pairs[:profile]] with lang in {LANGUAGES} "
-                              "(e.g. en-1:en or es-1:es:200:portable)")
-        index = sum(1 for s in sites if s.lang == parts[1])
-        profile = parts[3] if len(parts) == 4 else PROFILES[parts[1]][index % len(PROFILES[parts[1]])]
-        sites.append(SiteSpec(parts[0], parts[1], int(parts[2]) if len(parts) > 2 else pairs, profile))
+                              "(e.g. en-1:en, es-1:es:200:portable or mixed-1:en+es)")
+        try:
+            langs = site_languages(parts[1])
+        except ConfigError as exc:
+            raise ConfigError(f"sites: '{item}': {exc}") from None
+        index = sum(1 for s in sites if site_languages(s.lang)[0] == langs[0])
+        profile = parts[3] if len(parts) == 4 else PROFILES[langs[0]][index % len(PROFILES[langs[0]])]
+        sites.append(SiteSpec(parts[0], site_language(parts[1]), int(parts[2]) if len(parts) > 2 else pairs, profile))
     if not sites:
         raise ConfigError("sites is empty: write them as 'en-1:en,es-1:es'")
     if len({s.name for s in sites}) != len(sites):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -79,6 +80,25 @@ def test_check_accepts_a_clean_site(tmp_path, capsys):
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert main(["client", "check", "--data", str(manifest), "--language", "es", "--no-progress"]) == 0
     assert "OK: this site can join" in capsys.readouterr().out
+
+
+def test_a_site_of_both_languages_checks_each_row_against_its_own(tmp_path, capsys):
+    """--language en+es: a row may be English or Spanish, and its report must read as the
+    language the row declares."""
+    manifest = _site(tmp_path)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()][:8]
+    english = "There is a small right pleural effusion. The heart size is normal. No pneumothorax."
+    rows[1] = {**rows[1], "lang": "en", "report": english}
+    rows[2] = {**rows[2], "lang": "en"}  # a Spanish report declared English
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    main(["client", "check", "--data", str(manifest), "--language", "es+en", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "(language en+es)" in out and "rows: 8, usable: 7, bad: 1" in out and "row 3 (id=ok2)" in out
+    assert "reads as 'es'" in out
+    main(["client", "check", "--data", str(manifest), "--language", "es", "--no-progress"])
+    assert "declared 'en' in a 'es' site" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["client", "check", "--data", str(manifest), "--language", "en+fr", "--no-progress"])
 
 
 def test_language_detection_on_both_communities():

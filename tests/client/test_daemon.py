@@ -47,6 +47,15 @@ def test_init_writes_a_site_config_and_a_service_unit_that_start_reads(tmp_path,
         SiteSettings.load(config)
 
 
+def test_a_site_of_both_languages_has_one_spelling_and_no_other(tmp_path, synthetic_data, fed_tokenizer):
+    settings = SiteSettings("mix-1", "es+en", str(synthetic_data), "127.0.0.1:9", str(fed_tokenizer), insecure=True,
+                            state=str(tmp_path / "state"))
+    assert settings.language == "en+es" and "lang='en+es'" in settings.node_config()
+    for bad in ("en+fr", "en,es", "EN"):
+        with pytest.raises(ConfigError, match="not one of"):
+            SiteSettings("x", bad, str(synthetic_data), "127.0.0.1:9", str(fed_tokenizer), insecure=True)
+
+
 def test_no_report_text_reaches_the_outputs_of_check_and_start(tmp_path, synthetic_data, fed_tokenizer, capfd):
     data = tmp_path / "data"
     shutil.copytree(synthetic_data.parent, data, ignore=shutil.ignore_patterns("cache"))

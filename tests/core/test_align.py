@@ -121,8 +121,35 @@ def test_community_eval_norm_uses_each_language_statistics(batch):
             model.text_head(h_a[:3])
 
 
-def test_mixed_needs_one_community_per_batch(batch):
+def test_a_batch_of_every_community_mixes_nothing_in_as_centralized(batch):
+    """A site of en+es under train_norm=mixed: its batch already is the mixed population, so
+    the stored moments of its own communities change nothing (centralized training, exactly)."""
     model, h_a, h_b, langs = batch
-    aligner = Aligner(model, mode="mixed", others=AlignmentState())
-    with pytest.raises(ValueError, match="one community"):
+    site = copy.deepcopy(model)
+    central, sums = _centralized(model, h_a, h_b, langs)
+    aligner = Aligner(site, mode="mixed", others=sums)
+    with aligner.attached():
         aligner.begin_batch(langs)
+        out = site(h_a, h_b)
+        assert aligner.mixed_cross(out["ctr_a"], out["ctr_b"]) is None and aligner.live_weight() == 1.0
+    for name in ("text", "ctr_a", "ctr_b"):
+        torch.testing.assert_close(out[name], central[name], atol=0, rtol=0)
+    for (name, got), (_, want) in zip(site.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)  # running statistics too
+
+
+def test_local_standardises_each_language_of_a_batch_and_tracks_the_whole_batch(batch):
+    """train_norm=local at a site of en+es: each language's rows on their own moments; the
+    running statistics (eval_norm=global) follow the whole batch, as plain BatchNorm's do."""
+    model, h_a, h_b, langs = batch
+    site = copy.deepcopy(model)
+    model(h_a, h_b)  # plain BatchNorm over the batch
+    aligner = Aligner(site, mode="local")
+    with aligner.attached():
+        aligner.begin_batch(langs)
+        out = site(h_a, h_b)
+    assert out["text"][:N_EN].mean(0).abs().max() < 1e-6 and out["text"][N_EN:].mean(0).abs().max() < 1e-6
+    first, plain = site.text_head.mlp[1], model.text_head.mlp[1]  # same input in both: the Linear's output
+    torch.testing.assert_close(first.running_mean, plain.running_mean)
+    torch.testing.assert_close(first.running_var, plain.running_var)
+    assert int(first.num_batches_tracked) == 1

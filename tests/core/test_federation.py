@@ -11,7 +11,7 @@ import pytest
 from medunic_core.align import alignment_layout
 from medunic_core.config import load_config
 from medunic_core.data.preprocess import ImageCache
-from medunic_core.errors import ConfigError
+from medunic_core.errors import ConfigError, SiteDataError
 from medunic_core.federation import payload as P
 from medunic_core.federation.aggregate import fill_unused_rows, outliers, update_norms
 from medunic_core.federation.replies import (
@@ -33,7 +33,10 @@ def test_sites_are_written_one_way_with_optional_synthetic_size_and_profile():
     sites = parse_site_specs("en-1:en,es-1:es:200,en-2:en:50:lowdose")
     assert [(s.name, s.lang, s.n, s.profile) for s in sites] == [
         ("en-1", "en", 400, "default"), ("es-1", "es", 200, "highres"), ("en-2", "en", 50, "lowdose")]
-    for bad in ("en:2,es:1", "fr-1:fr", "en-1:en,en-1:en", "en-1:en:many", ""):
+    mixed = parse_site_specs("mix-1:es+en:100,mix-2:en+es")
+    assert [(s.name, s.lang, s.n, s.profile) for s in mixed] == [("mix-1", "en+es", 100, "default"),
+                                                                   ("mix-2", "en+es", 400, "portable")]
+    for bad in ("en:2,es:1", "fr-1:fr", "en-1:en,en-1:en", "en-1:en:many", "", "m:en+fr", "m:en+en", "m:en,es"):
         with pytest.raises(ConfigError):
             parse_site_specs(bad)
 
@@ -75,6 +78,33 @@ def test_the_alignment_layout_is_what_a_site_round_sends(synthetic_data, fed_tok
         check_alignment(result.alignment.to_flat(), "en", layout, 1000)  # a real record passes
 
 
+def test_a_site_of_both_languages_sends_the_sums_of_each_and_only_of_its_own(synthetic_data, fed_tokenizer,
+                                                                             train_overrides, tmp_path):
+    rows = [json.loads(x) for x in synthetic_data.read_text().splitlines()]
+    manifest = synthetic_data.parent / "mix-1-federation.jsonl"  # beside it: image paths stay valid
+    manifest.write_text("".join(json.dumps({**r, "site": "mix-1"}) + "\n" for r in rows))
+    cfg = load_config("tiny", [*train_overrides(manifest, tmp_path / "c"), "fed.local_steps=1", "fed.rounds=1"])
+    with pytest.raises(SiteDataError, match="declared 'en' but .* es-1-"):  # the rows name the row ids
+        site_records(cfg, "mix-1", "en", "train")
+    tok = load_tokenizer(fed_tokenizer)
+    model = stage_model(cfg, tok, VLP)
+    records = site_records(cfg, "mix-1", "en+es", "train")
+    result = train_site(model, records, ImageCache(tmp_path / "cache", cfg.model.image.cache_size), tok, cfg, 1)
+    assert result.alignment.communities == ["en", "es"]
+    flat, layout = result.alignment.to_flat(), alignment_layout(model, cfg.loss.ctr, cfg.align.image)
+    checked = check_alignment(flat, "en+es", layout, cfg.train.batch_size)
+    assert sum(checked.count(c) for c in checked.communities) == cfg.train.batch_size
+    with pytest.raises(InvalidReply, match="not of the site's community 'en'"):
+        check_alignment(flat, "en", layout, 1000)  # an English site may not speak for Spanish
+    only_en = {k: v for k, v in flat.items() if k.startswith("en/")}
+    assert check_alignment(only_en, "en+es", layout, 1000).communities == ["en"]  # a batch without Spanish
+    with pytest.raises(InvalidReply, match="add up to"):
+        check_alignment(flat, "en+es", layout, cfg.train.batch_size - 1)
+    for community in ("en+fr", "es+es", ""):
+        with pytest.raises(InvalidReply, match="not a language"):
+            check_alignment(flat, community, layout, 1000)
+
+
 def _content(**arrays) -> Content:
     return Content(arrays={P.ARRAYS: arrays.pop("weights"), **arrays},
                    metrics={P.METRICS: {P.NUM_EXAMPLES: 8, "train_loss": 1.0}},
@@ -99,14 +129,14 @@ def test_a_vocabulary_reply_keeps_rare_words_out_and_counts_within_reports():
         return Content(configs={P.SITE: {P.SITE_NAME: "es-1", P.COMMUNITY: "es"},
                                 f"{P.VOCAB_PREFIX}es": {P.WORDS: words, P.DF: df, P.REPORTS: reports}})
 
-    assert check_vocab_reply(reply(["derrame", "pleural"], [3, 4]), "es", True, 2, 100) == (
-        Counter({"derrame": 3, "pleural": 4}), 10)
+    assert check_vocab_reply(reply(["derrame", "pleural"], [3, 4]), "es", ["en", "es"], 2, 100) == {
+        "es": (Counter({"derrame": 3, "pleural": 4}), 10)}
     for words, df, reason in ((["raro"], [1], "outside"), (["a", "a"], [3, 3], "repeat"), (["a b"], [3], "spaces"),
                               (["x"], [11], "outside")):
         with pytest.raises(InvalidReply, match=reason):
-            check_vocab_reply(reply(words, df), "es", True, 2, 100)
+            check_vocab_reply(reply(words, df), "es", ["en", "es"], 2, 100)
     with pytest.raises(InvalidReply, match="unexpected record"):  # a language the stage does not count
-        check_vocab_reply(reply(["a"], [3]), "es", False, 2, 100)
+        check_vocab_reply(reply(["a"], [3]), "es", ["en"], 2, 100)
 
 
 # -- aggregation ----------------------------------------------------------------------------

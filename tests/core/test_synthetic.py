@@ -15,6 +15,7 @@ import pytest
 from medunic_core.cli import main
 from medunic_core.config import SiteConfig, SynthConfig
 from medunic_core.constants import FINDINGS, SPLITS
+from medunic_core.data.language import detect_language
 from medunic_core.data.manifest import read_manifest
 from medunic_core.data.readers import read_image
 from medunic_core.data.synthetic import (
@@ -309,6 +310,16 @@ def test_generate_mixes_formats_that_readers_decode_identically(tmp_path: Path) 
         assert np.abs(decoded[r.id] - ref).max() < 0.01, r.id
 
 
+def test_a_site_of_both_languages_writes_half_of_its_reports_in_each(tmp_path: Path) -> None:
+    """``mix-1:en+es``: one site (one profile), its records take the languages in turn, each
+    report written in its row's language."""
+    args = ["synth", "--no-progress", "--workers", "1", "--out", str(tmp_path), "synth.image_size=48"]
+    assert main([*args, "--sites", "mix-1:es+en:8:default"]) == 0
+    records = read_manifest(tmp_path / "manifest.jsonl")
+    assert Counter(r.lang for r in records) == {"en": 4, "es": 4} and {r.site for r in records} == {"mix-1"}
+    assert all(detect_language(r.report) in (r.lang, None) for r in records)
+
+
 def test_validate_config_names_the_bad_site() -> None:
     cfg = _config()
     cfg.sites.append(SiteConfig("es-1", "es", 3, "default"))
@@ -316,6 +327,8 @@ def test_validate_config_names_the_bad_site() -> None:
         validate_config(cfg)
     with pytest.raises(ConfigError, match="language 'fr'"):
         validate_config(SynthConfig(sites=[SiteConfig("fr-1", "fr", 3, "default")]))
+    with pytest.raises(ConfigError, match="language 'en\+fr'"):
+        validate_config(SynthConfig(sites=[SiteConfig("x-1", "en+fr", 3, "default")]))
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from medunic_core.align import AlignmentState
 from medunic_core.config import load_config
 from medunic_core.exchange import TOKEN_EMBEDDINGS
+from medunic_core.federation.replies import InvalidReply
 from server.messages import arrays_record, record_arrays
 from server.registry import SiteIdentities
 from server.strategy import make_strategy
@@ -155,6 +156,34 @@ def test_a_site_is_who_it_was_bound_to_not_who_it_says():
     np.testing.assert_allclose(record_arrays(arrays)["w"], 1.0)
 
 
+def test_a_site_of_both_languages_is_bound_to_both_and_to_nothing_else():
+    """A site whose reports come in both languages is one site of en+es: its sums of each
+    community count (split between its batches' languages); an en+es claim from a node
+    bound to en, a claim spelt another way, or a third language is refused."""
+    strategy, (m1, m2) = _strategy()
+    both = {**_records(np.ones((ROWS, DIM)), 1.0, 8, [0], "en+es", "mix-1"),
+            "align": {**_align("en", 5), **_align("es", 3)}}
+    strategy.aggregate_train(1, [_message(m1, both),
+                                 _message(m2, _records(np.ones((ROWS, DIM)), 1.0, 8, [0], "es", "es-1"))])
+    assert sorted(strategy.last_round["sites"]) == ["es-1", "mix-1"]
+    assert float(strategy.alignment.sums["en"][f"{NORM}.n"]) == 5
+    assert float(strategy.alignment.sums["es"][f"{NORM}.n"]) == 3 + 8
+    # round 2: the Spanish node claims both languages, mix-1 sends sums of more pairs than a round has
+    half = strategy.expected().max_examples // 2 + 1
+    replies = [_message(m1, {**both, "align": {**_align("en", half), **_align("es", half)}}),
+               _message(m2, {**_records(np.ones((ROWS, DIM)), 1.0, 8, [0], "en+es", "es-1"),
+                             "align": {**_align("en", 4), **_align("es", 4)}})]
+    assert strategy.aggregate_train(2, replies) == (None, None)
+    assert f"add up to {2 * half}" in strategy.last_round["invalid"]["mix-1"]
+    assert "is site 'es-1' (es)" in strategy.last_round["invalid"]["es-1"]
+
+    identities = SiteIdentities(["en", "es"])
+    assert identities.resolve(1, ("mix-1", "en+es")) == ("mix-1", "en+es")
+    for node, claim in ((2, ("mix-2", "es+en")), (3, ("mix-3", "en+fr")), (4, ("fr-1", "fr")), (5, ("x", "en+en"))):
+        with pytest.raises(InvalidReply, match="not one of this run's"):
+            identities.resolve(node, claim)
+
+
 # -- hostile replies ----------------------------------------------------------------------
 def _nan(a: np.ndarray) -> np.ndarray:
     a = a.astype(a.dtype, copy=True)
@@ -209,12 +238,15 @@ MUTATIONS = {  # each makes a reply that must be rejected
     "site missing": lambda r: {k: v for k, v in r.items() if k != "site"},
     "site renames itself": lambda r: _set(r, "site", "site", "es-9"),
     "site claims another community": lambda r: _set(r, "site", "community", "es" if r["site"]["community"] == "en" else "en"),
+    "site claims both communities": lambda r: _set(r, "site", "community", "en+es"),
     "site extra key": lambda r: _set(r, "site", "hospital", "x"),
     "site name not a string": lambda r: _set(r, "site", "site", 7),
     "align missing": lambda r: {k: v for k, v in r.items() if k != "align"},
     "align community xx": lambda r: {**r, "align": {k.replace(k.split('/')[0], "xx", 1): v for k, v in r["align"].items()}},
     "align other community": lambda r: {**r, "align": {("es" if k.startswith("en/") else "en") + k[2:]: v
                                                         for k, v in r["align"].items()}},
+    "align adds the other community": lambda r: {**r, "align": {**r["align"], **{
+        ("es" if k.startswith("en/") else "en") + k[2:]: v for k, v in r["align"].items()}}},
     "align NaN": lambda r: _flat(r, f"{NORM}.sum", _nan(np.ones(DIM, np.float32))),
     "align inf count": lambda r: _flat(r, f"{NORM}.n", np.array([np.inf], np.float32)),
     "align negative count": lambda r: _flat(r, f"{NORM}.n", np.array([-4.0], np.float32)),

@@ -64,3 +64,21 @@ def test_vocabulary_stage_trains_wordpiece_without_a_base(run_config, synthetic_
     reports = [r.report for r in read_manifest(synthetic_data, None, split="train")]
     ids = [i for text in reports for i in tokenizer(text)["input_ids"]]
     assert ids.count(tokenizer.unk_token_id) / len(ids) < 0.01  # rare words still split into known pieces
+
+
+def test_a_site_of_both_languages_sends_each_languages_counts(run_config, synthetic_data, tmp_path):
+    """One site holding en-1's and es-1's reports (en+es) sends the counts of each language,
+    per language as two sites would: the tokenizer is the same."""
+    rows = [json.loads(x) for x in synthetic_data.read_text().splitlines()]
+    manifest = synthetic_data.parent / "mix-1-vocab.jsonl"  # beside it: image paths stay valid
+    manifest.write_text("".join(json.dumps({**r, "site": "mix-1"}) + "\n" for r in rows))
+    two = run_config("vocab.vocab_size=300", "vocab.min_df=2")
+    one = run_config("vocab.vocab_size=300", "vocab.min_df=2", f"data.manifest={manifest}",
+                     f"fed.out_dir={tmp_path / 'mixed'}")
+    one["sites"] = "mix-1:en+es"
+    by_language = load_tokenizer(VocabStage(Federation.from_run_config(two)).run(InProcessGrid(two)))
+    folder = VocabStage(Federation.from_run_config(one)).run(InProcessGrid(one, num_nodes=1))
+    summary = json.loads((folder.parent / VOCAB_SUMMARY).read_text())
+    train = read_manifest(synthetic_data, None, split="train")
+    assert summary["sites"] == {"mix-1": {lang: sum(r.lang == lang for r in train) for lang in ("en", "es")}}
+    assert load_tokenizer(folder).get_vocab() == by_language.get_vocab()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from medunic_core.config import SynthConfig
 from medunic_core.constants import FINDINGS, LANGUAGES
 from medunic_core.data.dicom import write_dicom
+from medunic_core.data.language import site_languages
 from medunic_core.data.manifest import Record, write_manifest
 from medunic_core.data.synthetic.renderer import ZONED, Finding, Profile, get_profile, render_image
 from medunic_core.data.synthetic.reports import write_report
@@ -189,8 +190,10 @@ def validate_config(cfg: SynthConfig) -> None:
         if site.name in seen:
             raise ConfigError(f"{where}: duplicate site name; site names must be unique")
         seen.add(site.name)
-        if site.lang not in LANGUAGES:
-            raise ConfigError(f"{where}: language '{site.lang}' not in {list(LANGUAGES)}")
+        try:
+            site_languages(site.lang)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if site.n < 1:
             raise ConfigError(f"{where}: n={site.n}, a site needs at least one record")
         try:
@@ -205,12 +208,13 @@ def _jobs(cfg: SynthConfig, image_root: Path) -> list[_Job]:
         image_dir = image_root / site.name
         image_dir.mkdir(parents=True, exist_ok=True)
         splits = assign_splits(site.n, cfg.seed, s, cfg.test_fraction, cfg.val_fraction)
+        langs = site_languages(site.lang)  # a site of several languages: its records take them in turn
         jobs.extend(
             _Job(
                 seed=int(cfg.seed),
                 site_index=s,
                 site=site.name,
-                lang=site.lang,
+                lang=langs[i % len(langs)],
                 profile=site.profile,
                 index=i,
                 split=splits[i],
