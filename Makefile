@@ -37,7 +37,7 @@ test: setup
 	$(PY) -m pytest
 
 test-slow: public-text
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow --durations=20
 
 # every wheel a site needs on this platform, hashed, with install-offline.sh (docs/deployment.md)
 wheelhouse: setup
