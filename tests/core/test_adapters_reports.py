@@ -443,6 +443,26 @@ def test_hospital_jsonl_and_required_lang(tmp_path: Path) -> None:
         prepare_dataset("hospital", str(root), str(tmp_path / "out"), reports="reports.xlsx", lang="en")
 
 
+def test_a_bilingual_hospital_export_names_each_reports_language(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    _image(root / "x.png")
+    rows = [{"id": 1, "image": "x.png", "report": "No acute findings.", "language": "EN", "patient": "p1"},
+            {"id": 2, "image": "x.png", "report": "Sin hallazgos.", "language": "es", "patient": "p2"},
+            {"id": 3, "image": "x.png", "report": "Aucune anomalie.", "language": "fr", "patient": "p3"},
+            {"id": 4, "image": "x.png", "report": "Clear.", "patient": "p4"}]
+    (root / "reports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    options = {"reports": "reports.jsonl", "lang": "en+es", "patient_column": "patient", "lang_column": "language"}
+    prepare_dataset("hospital", str(root), str(tmp_path / "out"), **options)
+    got = _manifest(tmp_path / "out")
+    assert {i: r.lang for i, r in got.items()} == {"1": "en", "2": "es"}
+    with (tmp_path / "out" / "problems.csv").open(encoding="utf-8") as fh:
+        problems = {r["id"]: r["problem"] for r in csv.DictReader(fh)}
+    assert problems == {"3": "wrong language: language is 'fr', not one of the site's en+es",
+                        "4": "wrong language: language is empty"}
+    with pytest.raises(ConfigError, match="lang_column"):
+        prepare_dataset("hospital", str(root), str(tmp_path / "out2"), reports="reports.jsonl", lang="en+es")
+
+
 # ---------------------------------------------------------------- public-text federation
 
 def test_public_text_federation_renders_films_for_real_report_formats(tmp_path: Path, monkeypatch) -> None:

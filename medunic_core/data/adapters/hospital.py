@@ -10,7 +10,9 @@ Without a split column the split is a hash of the patient id (of the row id when
 no patient column), so that a patient's images never straddle splits. Labels, if given,
 are a JSON object of our finding names to 1/0 (-1 or null: unknown); a name we do not know
 is reported rather than dropped, because it is usually a typo that would silently cost a
-label. The language is required: nothing in an export says it reliably.
+label. The language is required: nothing in an export says it reliably. A hospital whose
+reports come in both languages (``lang=en+es``) names the column that says each report's
+language (``lang_column``); a row of a language the site does not hold is a problem.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from medunic_core.constants import FINDINGS, LANGUAGES
 from medunic_core.data.adapters.base import (
     Candidate, Problem, Row, is_missing, iter_csv, locate, normalize_split, register, split_rule)
+from medunic_core.data.language import site_languages
 from medunic_core.errors import ConfigError
 
 @dataclass(frozen=True)
@@ -35,9 +38,10 @@ class Columns:
     split: str = ""
     patient: str = ""
     labels: str = ""
+    lang: str = ""
 
     def required(self) -> list[str]:
-        return [c for c in (self.id, self.image, self.report, self.split, self.patient, self.labels) if c]
+        return [c for c in (self.id, self.image, self.report, self.split, self.patient, self.labels, self.lang) if c]
 
 
 POSITIVE = (1, True, "1", "1.0", "true")  # 1.0 == 1, so floats are covered
@@ -93,22 +97,30 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 @register("hospital")
 def read(root: Path, site: str, *, reports: str = "reports.csv", lang: str = "", id_column: str = "id",
          image_column: str = "image", report_column: str = "report", split_column: str = "",
-         patient_column: str = "", labels_column: str = "", images_dir: str = "", split: str = "hash",
-         val_fraction: str = "0.1", test_fraction: str = "0.2") -> Iterator[Row]:
-    """A hospital export (lang=en|es required): images + a CSV/JSONL of reports, columns named by options.
+         patient_column: str = "", labels_column: str = "", lang_column: str = "", images_dir: str = "",
+         split: str = "hash", val_fraction: str = "0.1", test_fraction: str = "0.2") -> Iterator[Row]:
+    """A hospital export (lang=en|es|en+es required): images + a CSV/JSONL of reports, columns named by options.
 
     ``reports``: the table (absolute or under ``root``); ``*_column``: its column names
-    (``split_column``, ``patient_column`` and ``labels_column`` are optional); ``images_dir``:
+    (``split_column``, ``patient_column``, ``labels_column`` and ``lang_column`` are optional;
+    ``lang_column`` is required with ``lang=en+es``); ``images_dir``:
     the folder image paths are relative to (under ``root``; default ``root``); without a
     split column, ``split``: ``hash`` (of the patient, with the fractions) or one split for all.
     """
-    if lang not in LANGUAGES:
-        raise ConfigError(f"hospital: --opt lang= is required and must be one of {LANGUAGES}, got {lang!r}")
+    try:
+        site_languages(lang)
+    except ConfigError:
+        raise ConfigError(f"hospital: --opt lang= is required and must be one of {LANGUAGES} or en+es, "
+                          f"got {lang!r}") from None
+    if len(site_languages(lang)) > 1 and not lang_column:
+        raise ConfigError(f"hospital: lang={lang} needs --opt lang_column=COLUMN, the column that says each "
+                          "report's language")
     split_of = split_rule("hospital", split, val_fraction, test_fraction)
     if not reports.endswith((".csv", ".csv.gz", ".jsonl")):
         raise ConfigError(f"hospital: reports={reports!r} must be a .csv, .csv.gz or .jsonl file")
     path = locate(root, reports)
-    columns = Columns(id_column, image_column, report_column, split_column, patient_column, labels_column)
+    columns = Columns(id_column, image_column, report_column, split_column, patient_column, labels_column,
+                      lang_column)
     return _rows(_table(path, columns.required()), root / images_dir, site, lang, columns, split_of)
 
 
@@ -140,6 +152,11 @@ def _rows(rows: Iterable[tuple[str, dict[str, Any]]], images: Path, site: str, l
         except ValueError as exc:
             yield Problem(rid, where, f"bad labels: {exc}")
             continue
+        row_lang = str(row.get(columns.lang) or "").strip().lower() if columns.lang else lang
+        if row_lang not in site_languages(lang):
+            found = "empty" if not row_lang else f"{row_lang!r}, not one of the site's {lang}"
+            yield Problem(rid, where, f"wrong language: {columns.lang} is {found}")
+            continue
         report = row.get(columns.report)
-        yield Candidate(rid, str(images / image), "" if is_missing(report) else str(report), lang, row_split, site,
-                        labels, where)
+        yield Candidate(rid, str(images / image), "" if is_missing(report) else str(report), row_lang, row_split,
+                        site, labels, where)
