@@ -108,11 +108,11 @@ def read(root: Path, site: str, *, reports: str = "reports.csv", lang: str = "",
     split column, ``split``: ``hash`` (of the patient, with the fractions) or one split for all.
     """
     try:
-        site_languages(lang)
+        allowed = site_languages(lang)
     except ConfigError:
         raise ConfigError(f"hospital: --opt lang= is required and must be one of {LANGUAGES} or en+es, "
                           f"got {lang!r}") from None
-    if len(site_languages(lang)) > 1 and not lang_column:
+    if len(allowed) > 1 and not lang_column:
         raise ConfigError(f"hospital: lang={lang} needs --opt lang_column=COLUMN, the column that says each "
                           "report's language")
     split_of = split_rule("hospital", split, val_fraction, test_fraction)
@@ -121,11 +121,11 @@ def read(root: Path, site: str, *, reports: str = "reports.csv", lang: str = "",
     path = locate(root, reports)
     columns = Columns(id_column, image_column, report_column, split_column, patient_column, labels_column,
                       lang_column)
-    return _rows(_table(path, columns.required()), root / images_dir, site, lang, columns, split_of)
+    return _rows(_table(path, columns.required()), root / images_dir, site, allowed, columns, split_of)
 
 
-def _rows(rows: Iterable[tuple[str, dict[str, Any]]], images: Path, site: str, lang: str, columns: Columns,
-          split_of: Callable[[str], str]) -> Iterator[Row]:
+def _rows(rows: Iterable[tuple[str, dict[str, Any]]], images: Path, site: str, langs: tuple[str, ...],
+          columns: Columns, split_of: Callable[[str], str]) -> Iterator[Row]:
     for where, row in rows:
         rid = "" if is_missing(row.get(columns.id)) else str(row[columns.id]).strip()
         if "__error__" in row:
@@ -152,9 +152,9 @@ def _rows(rows: Iterable[tuple[str, dict[str, Any]]], images: Path, site: str, l
         except ValueError as exc:
             yield Problem(rid, where, f"bad labels: {exc}")
             continue
-        row_lang = str(row.get(columns.lang) or "").strip().lower() if columns.lang else lang
-        if row_lang not in site_languages(lang):
-            found = "empty" if not row_lang else f"{row_lang!r}, not one of the site's {lang}"
+        row_lang = str(row.get(columns.lang) or "").strip().lower() if columns.lang else langs[0]
+        if row_lang not in langs:
+            found = "empty" if not row_lang else f"{row_lang!r}, not one of the site's {'+'.join(langs)}"
             yield Problem(rid, where, f"wrong language: {columns.lang} is {found}")
             continue
         report = row.get(columns.report)
