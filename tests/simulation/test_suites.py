@@ -29,6 +29,19 @@ def test_the_diagnosis_gives_every_run_the_same_total_budget():
     assert set(budgets.values()) == {250}, budgets
 
 
+@pytest.mark.parametrize("name", ["default", "iid-mixed"])
+def test_every_run_of_a_suite_sees_the_same_pairs(name):
+    """Steps x batch is the same for every variant: a centralized run at the federation's
+    sequential steps takes fewer, larger batches, never fewer pairs."""
+    suite = load_suite(name)
+    pairs = {}
+    for variant in suite.variants:
+        cfg = load_config("tiny", [*suite.overrides, *variant.overrides])
+        steps = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(variant.sites or suite.sites or DEFAULT_SITES))
+        pairs[variant.name] = steps * cfg.train.batch_size
+    assert len(set(pairs.values())) == 1, pairs
+
+
 def test_a_broken_suite_is_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("variants:\n  - {name: x, kind: federated, overrides: [data.langs=[en], a=1]}\n")
