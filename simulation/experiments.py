@@ -10,7 +10,10 @@ same number of pairs), federated as a real Flower simulation (``stage=vlp``). Ev
 model is evaluated with each of the suite's ``eval_norms`` (an evaluation-time choice: the
 same weights). It writes one table with mean and spread over seeds, one row per variant
 and eval norm (``compare.md`` / ``.json``). Running the same command again reuses every
-trained model and evaluation already in the folder.
+trained model and evaluation already in the folder. A run's records (``seconds.json`` and
+each ``eval-<norm>/eval.json``) are all its tables need: a run whose records are written is
+not touched, so records copied from another machine (or from ``results/``) resume an
+experiment without its weights.
 """
 
 from __future__ import annotations
@@ -120,11 +123,14 @@ def _evaluate(run_dir: Path, norms: Sequence[str], shared: Sequence[str], progre
     return out
 
 
-def _timed(run: Path, work: Callable[[], Any]) -> float:
-    """Seconds ``work`` took, kept in ``run/seconds.json`` (a reused run keeps its own)."""
+def _timed(run: Path, work: Callable[[], Any], recorded: bool) -> float:
+    """Seconds ``work`` took, kept in ``run/seconds.json`` (a reused run keeps its own).
+    ``recorded``: the run's evaluations are written too, so it needs neither ``work`` nor
+    its weights."""
     record = run / "seconds.json"
     if record.is_file():
-        work()  # returns at once for a finished run
+        if not recorded:
+            work()  # returns at once for a finished run
         return float(json.loads(record.read_text())["seconds"])
     t0 = time.perf_counter()
     work()
@@ -178,18 +184,18 @@ def run_experiment(
             members = variant.sites or sites
             vcfg = load_config(preset, common)
             budget = vcfg.fed.rounds * vcfg.fed.local_steps * len(parse_sites(members))
+            model = run if variant.kind == "centralized" else run / "model"
+            recorded = all((model / f"eval-{norm}" / "eval.json").is_file() for norm in suite.eval_norms)
             if variant.kind == "centralized":  # the federation's total site steps, in one run
                 seconds = _timed(run, lambda: train(load_config(preset, [*common, f"train.out_dir={run}",
                                                                          f"train.max_steps={budget}"]),
-                                                    progress=progress))
-                model = run
+                                                    progress=progress), recorded)
             else:
                 def federate() -> None:
-                    if not (run / "model" / "checkpoint.pt").is_file():  # an interrupted experiment resumes
+                    if not (model / "checkpoint.pt").is_file():  # an interrupted experiment resumes
                         simulate(preset, [*common, f"fed.out_dir={run}", "eval.tsne=false"], members, pairs_per_site,
                                  progress, stage="vlp")
-                seconds = _timed(run, federate)
-                model = run / "model"
+                seconds = _timed(run, federate, recorded)
             for norm, res in _evaluate(model, suite.eval_norms, evaluation, progress).items():
                 rows.setdefault(f"{variant.name} / eval {norm}", []).append({**res, "seconds": seconds})
             write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, sites, steps),

@@ -68,31 +68,43 @@ def _has_env(pid: str, entry: str) -> bool:
 
 
 def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatch):
+    from simulation.experiments import load_suite
+
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "exp"
-    rc = main([
-        "experiment", "--no-progress", "--seeds", "1", "--pairs-per-site", "40", "--out", str(out), "--eval-set", "20",
+    argv = [  # 80 pairs per site: the suite's 250 x 64 variant needs a batch of 64 training pairs
+        "experiment", "--no-progress", "--seeds", "1", "--pairs-per-site", "80", "--out", str(out), "--eval-set", "20",
         "fed.rounds=1", "fed.local_steps=2", "train.batch_size=8", "train.warmup_steps=1",
         "vocab.vocab_size=300", "model.image.kwargs.depth=2", "model.text.num_layers=2",
         "synth.image_size=96", "eval.probe_fractions=[1.0]", "eval.probe_seeds=[0]",
         "mlm.steps=4", "mlm.warmup_steps=1",
-    ])
-    assert rc == 0
+    ]
+    assert main(argv) == 0
+    suite = load_suite("default")
     runs = json.loads((out / "compare.json").read_text())["runs"]
-    expected = {f"{v} / {c} / eval {n}" for v in ("centralized", "federated local", "federated mixed")
-                for c in ("ctr", "no-ctr") for n in ("global", "community")}
-    assert set(runs) == expected
+    assert set(runs) == {f"{v.name} / eval {n}" for v in suite.variants for n in ("global", "community")}
+    assert len(runs) == 14 and {"centralized / ctr 250 x 64 / eval community", "federated mixed / no-ctr / eval global"} < set(runs)
     assert all(runs[name]["retrieval/mean/R@1"]["values"] for name in runs)  # every variant was evaluated
     table = (out / "compare.md").read_text()
     assert "| run | retrieval/mean/R@1 |" in table and "MLM-initialised" in table
     # every model was evaluated on the one bilingual set; one seed pairs but resolves nothing
     evals = [json.loads(p.read_text()) for p in out.glob("*/seed*/**/eval-community/eval.json")]
-    assert len(evals) == 6 and {e["meta"]["n_test"] for e in evals} == {40}
+    assert len(evals) == 7 and {e["meta"]["n_test"] for e in evals} == {40}
     paired = json.loads((out / "paired.json").read_text())
     assert paired["seeds"] == [1] and {c["verdict"] for c in paired["comparisons"]} == {"not resolved"}
     assert "Paired over seeds 1:" in table
     assert json.loads((out / "run.json").read_text())["seeds"] == [1]  # command, commit and machine beside it
+
+    # a run's records (seconds.json, eval-*/eval.json) are all the tables need: without any
+    # weights the same command trains nothing and writes the same table
+    weights = [p for p in out.glob("*/seed1/**/*.pt")]
+    assert weights
+    for path in weights:
+        path.unlink()
+    assert main(argv) == 0
+    assert json.loads((out / "compare.json").read_text())["runs"] == runs
+    assert not list(out.glob("*/seed1/**/*.pt"))
 
 
 def test_a_terminated_simulation_stops_what_it_started(tmp_path):
