@@ -98,7 +98,7 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
 
     # a run's records (seconds.json, eval-*/eval.json) are all the tables need: without any
     # weights the same command trains nothing and writes the same table
-    weights = [p for p in out.glob("*/seed1/**/*.pt")]
+    weights = list(out.glob("*/seed1/**/*.pt"))
     assert weights
     for path in weights:
         path.unlink()
