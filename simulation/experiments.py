@@ -14,11 +14,19 @@ trained model and evaluation already in the folder. A run's records (``seconds.j
 each ``eval-<norm>/eval.json``) are all its tables need: a run whose records are written is
 not touched, so records copied from another machine (or from ``results/``) resume an
 experiment without its weights.
+
+A seed is the unit of pairing, so all of a seed's runs must start from the same inputs
+(text encoder, vocabulary, manifests), and another machine may remake the shared text
+encoder with other bits. Every run records the hashes of its inputs (``inputs.json``); a
+recorded run from other inputs than today's is reused only as part of a complete seed
+from one set of inputs, otherwise it is set aside (``seed<n>.other-inputs``) and trained
+again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -123,6 +131,50 @@ def _evaluate(run_dir: Path, norms: Sequence[str], shared: Sequence[str], progre
     return out
 
 
+INPUTS = "inputs.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_inputs(run: Path) -> Optional[dict[str, str]]:
+    """The inputs a started run (records or weights present) trained from; None when it has
+    none written (recorded before inputs were)."""
+    path = run / INPUTS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stale_runs(started: dict[Path, Optional[dict[str, str]]], inputs: dict[str, str], variants: int) -> list[Path]:
+    """The started runs of one seed (run -> its recorded inputs) that cannot be paired with
+    what this experiment trains now from ``inputs``: none when the seed is complete (all
+    ``variants`` runs) from one known set of inputs, else every run from other or unknown
+    inputs."""
+    known = [json.dumps(v, sort_keys=True) for v in started.values() if v is not None]
+    if len(started) == variants and len(known) == variants and len(set(known)) == 1:
+        return []
+    return [run for run, recorded in started.items() if recorded != inputs]
+
+
+def _set_aside(run: Path, inputs: dict[str, str]) -> None:
+    recorded = _recorded_inputs(run) or {}
+    changed = [k for k in sorted(set(recorded) | set(inputs)) if recorded.get(k) != inputs.get(k)]
+    aside = run.with_name(f"{run.name}.other-inputs")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run.with_name(f"{run.name}.other-inputs-{n}")
+    log.warning("%s started from other inputs than this experiment's (%s): it cannot be paired with the seed's "
+                "new runs, so it is moved to %s and trained again", run, ", ".join(
+                    f"{k} {recorded.get(k, 'unknown')[:8]} here {inputs.get(k, 'none')[:8]}" for k in changed),
+                aside.name)
+    run.rename(aside)
+
+
 def _timed(run: Path, work: Callable[[], Any], recorded: bool) -> float:
     """Seconds ``work`` took, kept in ``run/seconds.json`` (a reused run keeps its own).
     ``recorded``: the run's evaluations are written too, so it needs neither ``work`` nor
@@ -167,6 +219,9 @@ def run_experiment(
     if load_config(preset, shared).mlm.steps > 0:
         shared.append(f"model.text.pretrained={prepared / 'mlm' / 'text_encoder'}")
     cfg = load_config(preset, shared)
+    inputs = {"vocab": file_sha256(prepared / "vocab" / "tokenizer" / "vocab.txt"), "train_manifest": file_sha256(manifest)}
+    if cfg.mlm.steps > 0:
+        inputs["text_encoder"] = file_sha256(prepared / "mlm" / "text_encoder" / "model.safetensors")
     steps = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(sites))
     print(f"experiment '{suite_name}': {len(suite.variants)} variants x {len(seeds)} seeds; the default budget {steps} "
           f"steps of {cfg.train.batch_size} pairs per run ({cfg.fed.rounds} rounds x {cfg.fed.local_steps} steps x "
@@ -174,12 +229,21 @@ def run_experiment(
     evaluation = [f"data.manifest={manifest.resolve()}", f"data.langs=[{','.join(cfg.data.langs)}]"]
     cases = suite.eval_set if eval_set is None else eval_set
     if cases:
-        evaluation.append(f"eval.manifest={bilingual_eval_set(cfg, sites, pairs_per_site, cases, progress)}")
+        eval_manifest = bilingual_eval_set(cfg, sites, pairs_per_site, cases, progress)
+        evaluation.append(f"eval.manifest={eval_manifest}")
+        inputs["eval_manifest"] = file_sha256(eval_manifest)
+    (root / INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
-        for variant in suite.variants:
-            run = root / _slug(variant.name) / f"seed{seed}"
+        runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
+        started = {run: _recorded_inputs(run) for run in runs
+                   if (run / "seconds.json").is_file() or any(run.rglob("checkpoint.pt"))}
+        for run in stale_runs(started, inputs, len(runs)):
+            _set_aside(run, inputs)
+        for variant, run in zip(suite.variants, runs):
             run.mkdir(parents=True, exist_ok=True)
+            if not (run / INPUTS).is_file():
+                (run / INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
             common = [*shared, *suite.overrides, *variant.overrides, f"train.seed={seed}"]
             members = variant.sites or sites
             vcfg = load_config(preset, common)
@@ -211,9 +275,17 @@ def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
     ``paired.json``, and their table appended to ``compare.md``."""
     runs = json.loads((root / "compare.json").read_text())["runs"]
     rows = paired_comparisons(runs, suite.comparisons, suite.compare_on or suite.columns)
+    inputs = {}
+    for seed in seeds:  # what each seed's runs started from (one set per seed: run_experiment sees to it)
+        recorded = {json.dumps(_recorded_inputs(root / _slug(v.name) / f"seed{seed}"), sort_keys=True)
+                    for v in suite.variants}
+        if len(recorded) != 1:
+            raise ConfigError(f"{root}: the runs of seed {seed} started from different inputs; rerun the experiment "
+                              "command, which trains the runs that cannot be paired again")
+        inputs[str(seed)] = json.loads(recorded.pop())
     path = root / "paired.json"
-    path.write_text(json.dumps({"seeds": list(seeds), "level": 0.95, "comparisons": rows}, indent=2,
-                               allow_nan=False) + "\n")
+    path.write_text(json.dumps({"seeds": list(seeds), "level": 0.95, "inputs": inputs, "comparisons": rows},
+                               indent=2, allow_nan=False) + "\n")
     with (root / "compare.md").open("a") as f:
         f.write("\n" + paired_table(rows, f"Paired over seeds {', '.join(map(str, seeds))}: A - B, 95% t-interval")
                 + "\n")

@@ -95,6 +95,10 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     assert paired["seeds"] == [1] and {c["verdict"] for c in paired["comparisons"]} == {"not resolved"}
     assert "Paired over seeds 1:" in table
     assert json.loads((out / "run.json").read_text())["seeds"] == [1]  # command, commit and machine beside it
+    inputs = json.loads((out / "inputs.json").read_text())
+    assert set(inputs) == {"text_encoder", "vocab", "train_manifest", "eval_manifest"}
+    assert all(json.loads(p.read_text()) == inputs for p in out.glob("*/seed1/inputs.json")) and paired["inputs"] == {
+        "1": inputs}
 
     # a run's records (seconds.json, eval-*/eval.json) are all the tables need: without any
     # weights the same command trains nothing and writes the same table
@@ -105,6 +109,15 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     assert main(argv) == 0
     assert json.loads((out / "compare.json").read_text())["runs"] == runs
     assert not list(out.glob("*/seed1/**/*.pt"))
+
+    # a run recorded from another text encoder (another machine's MLM stage) cannot be paired
+    # with the seed's other runs: it is set aside and trained again, alone
+    moved = out / "centralized-ctr" / "seed1"
+    (moved / "inputs.json").write_text(json.dumps({**inputs, "text_encoder": "0" * 64}))
+    assert main(argv) == 0
+    assert (out / "centralized-ctr" / "seed1.other-inputs" / "seconds.json").is_file()
+    assert json.loads((moved / "inputs.json").read_text()) == inputs
+    assert [p.parent for p in out.glob("*/seed1/**/checkpoint.pt")] == [moved]
 
 
 def test_a_terminated_simulation_stops_what_it_started(tmp_path):
