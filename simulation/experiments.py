@@ -219,7 +219,8 @@ def run_experiment(
     if load_config(preset, shared).mlm.steps > 0:
         shared.append(f"model.text.pretrained={prepared / 'mlm' / 'text_encoder'}")
     cfg = load_config(preset, shared)
-    inputs = {"vocab": file_sha256(prepared / "vocab" / "tokenizer" / "vocab.txt"), "train_manifest": file_sha256(manifest)}
+    inputs = {"vocab": file_sha256(prepared / "vocab" / "tokenizer" / "vocab.txt"),
+              "train_manifest": file_sha256(manifest)}
     if cfg.mlm.steps > 0:
         inputs["text_encoder"] = file_sha256(prepared / "mlm" / "text_encoder" / "model.safetensors")
     steps = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(sites))
