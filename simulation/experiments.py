@@ -149,6 +149,13 @@ def _recorded_inputs(run: Path) -> Optional[dict[str, str]]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def started_runs(runs: Sequence[Path]) -> dict[Path, Optional[dict[str, str]]]:
+    """The runs that hold records or weights (of a finished run, or a checkpoint of an
+    interrupted one, a federation's ``server_checkpoint.pt`` included) -> their inputs."""
+    return {run: _recorded_inputs(run) for run in runs
+            if (run / "seconds.json").is_file() or any(run.rglob("*checkpoint.pt"))}
+
+
 def stale_runs(started: dict[Path, Optional[dict[str, str]]], inputs: dict[str, str], variants: int) -> list[Path]:
     """The started runs of one seed (run -> its recorded inputs) that cannot be paired with
     what this experiment trains now from ``inputs``: none when the seed is complete (all
@@ -237,9 +244,7 @@ def run_experiment(
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
-        started = {run: _recorded_inputs(run) for run in runs
-                   if (run / "seconds.json").is_file() or any(run.rglob("checkpoint.pt"))}
-        for run in stale_runs(started, inputs, len(runs)):
+        for run in stale_runs(started_runs(runs), inputs, len(runs)):
             _set_aside(run, inputs)
         for variant, run in zip(suite.variants, runs):
             run.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from simulation.experiments import INPUTS, _set_aside, stale_runs
+from simulation.experiments import INPUTS, _set_aside, stale_runs, started_runs
 
 HERE = {"text_encoder": "15a3" * 16, "vocab": "faf2" * 16}
 THERE = {"text_encoder": "069f" * 16, "vocab": "faf2" * 16}
@@ -56,3 +56,17 @@ def test_a_run_set_aside_keeps_its_records_and_says_what_changed(tmp_path, caplo
     run.mkdir()  # the same seed set aside twice keeps both
     _set_aside(run, HERE)
     assert (run.with_name("seed5.other-inputs-2")).is_dir()
+
+
+def test_an_interrupted_federation_counts_as_started(tmp_path):
+    """A federated run stopped mid-way holds only the server's checkpoint: resuming it from
+    other inputs would mix them within one run, so it is checked like a finished one."""
+    interrupted, finished, empty = (tmp_path / name / "seed1" for name in ("fed", "central", "new"))
+    interrupted.mkdir(parents=True)
+    (interrupted / "server_checkpoint.pt").write_bytes(b"")
+    (finished / "model").mkdir(parents=True)
+    (finished / "model" / "checkpoint.pt").write_bytes(b"")
+    (finished / INPUTS).write_text(json.dumps(THERE))
+    empty.mkdir(parents=True)
+    (empty / INPUTS).write_text(json.dumps(HERE))  # written before training began: not started
+    assert started_runs([interrupted, finished, empty]) == {interrupted: None, finished: THERE}
