@@ -51,6 +51,7 @@ from medunic_core.evaluation.paired import Comparison, paired_comparisons, paire
 from medunic_core.evaluation.report import write_comparison
 from medunic_core.evaluation.run import evaluate
 from medunic_core.train import train
+from medunic_core.vocab import vocab_sha256
 from medunic_core.federation.runconfig import (
     DEFAULT_SITES, PAIRS_PER_SITE, parse_site_specs, parse_sites, synthetic_data_dir)
 from simulation.federated import cores, simulate
@@ -142,6 +143,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _write_inputs(folder: Path, inputs: dict[str, str]) -> None:
+    (folder / INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+
+
 def _recorded_inputs(run: Path) -> Optional[dict[str, str]]:
     """The inputs a started run (records or weights present) trained from; None when it has
     none written (recorded before inputs were)."""
@@ -226,8 +231,7 @@ def run_experiment(
     if load_config(preset, shared).mlm.steps > 0:
         shared.append(f"model.text.pretrained={prepared / 'mlm' / 'text_encoder'}")
     cfg = load_config(preset, shared)
-    inputs = {"vocab": file_sha256(prepared / "vocab" / "tokenizer" / "vocab.txt"),
-              "train_manifest": file_sha256(manifest)}
+    inputs = {"vocab": vocab_sha256(prepared / "vocab" / "tokenizer"), "train_manifest": file_sha256(manifest)}
     if cfg.mlm.steps > 0:
         inputs["text_encoder"] = file_sha256(prepared / "mlm" / "text_encoder" / "model.safetensors")
     steps = cfg.fed.rounds * cfg.fed.local_steps * len(parse_sites(sites))
@@ -240,7 +244,7 @@ def run_experiment(
         eval_manifest = bilingual_eval_set(cfg, sites, pairs_per_site, cases, progress)
         evaluation.append(f"eval.manifest={eval_manifest}")
         inputs["eval_manifest"] = file_sha256(eval_manifest)
-    (root / INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+    _write_inputs(root, inputs)
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
@@ -249,7 +253,7 @@ def run_experiment(
         for variant, run in zip(suite.variants, runs):
             run.mkdir(parents=True, exist_ok=True)
             if not (run / INPUTS).is_file():
-                (run / INPUTS).write_text(json.dumps(inputs, indent=1, sort_keys=True) + "\n")
+                _write_inputs(run, inputs)
             common = [*shared, *suite.overrides, *variant.overrides, f"train.seed={seed}"]
             members = variant.sites or sites
             vcfg = load_config(preset, common)
