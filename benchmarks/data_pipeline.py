@@ -4,7 +4,9 @@ Generates a synthetic EN+ES set (PNG and DICOM) in a temporary folder, then time
 - decode: read_image + Med-UniC preprocessing (what an uncached epoch pays);
 - cache miss: the same through ImageCache, which also writes the .npy entry;
 - cache hit: ImageCache.get on a warm cache (every later epoch and every Flower message);
-- training item: cache hit + the weak and strong views (what the DataLoader returns).
+- training item: cache hit + the weak and strong views, one image at a time, and as the
+  training loader makes them (the per-image draw and crops, then warp, autocontrast and
+  normalisation once per batch of ``train.batch_size``).
 
     python benchmarks/data_pipeline.py [--images 200] [--size 256]
 """
@@ -33,6 +35,15 @@ def timed(fn, items) -> float:
     return len(items) / (time.perf_counter() - t0)
 
 
+def timed_batches(views: TwoViewTransform, cache: ImageCache, paths: list, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    for start in range(0, len(paths), batch_size):
+        drawn = [views.draw(cache.get(p), torch.Generator().manual_seed(start + i))
+                 for i, p in enumerate(paths[start : start + batch_size])]
+        views.finish({key: torch.stack([d[key] for d in drawn]) for key in drawn[0]})
+    return len(paths) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
@@ -52,7 +63,10 @@ def main() -> None:
             ("decode + preprocess", timed(lambda i, p: preprocess_image(read_image(p)[0], cache.cache_size), paths)),
             ("cache miss (decode + write)", timed(lambda i, p: cache.get(p), paths)),
             ("cache hit", timed(lambda i, p: cache.get(p), paths)),
-            ("cache hit + two views", timed(lambda i, p: views(cache.get(p), torch.Generator().manual_seed(i)), paths)),
+            ("cache hit + two views, one image at a time",
+             timed(lambda i, p: views(cache.get(p), torch.Generator().manual_seed(i)), paths)),
+            (f"cache hit + two views, batches of {cfg.train.batch_size} (training)",
+             timed_batches(views, cache, paths, cfg.train.batch_size)),
         ]
     base = rows[0][1]
     print(f"{len(paths)} images ({args.size} px source, {cfg.model.image.cache_size} px cache, "

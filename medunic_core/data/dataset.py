@@ -68,7 +68,9 @@ def prepare_images(
 
 
 class PairDataset(Dataset):
-    """Training pairs: item ``(epoch, index)`` -> two image views and the report text."""
+    """Training pairs: item ``(epoch, index)`` -> the per-sample part of the two image
+    views (:meth:`TwoViewTransform.draw`) and the report text; :class:`PairCollator`
+    finishes the views of a whole batch at once."""
 
     def __init__(self, records: Sequence[Record], cache: ImageCache, transform: TwoViewTransform, seed: int) -> None:
         self.records = list(records)
@@ -83,8 +85,8 @@ class PairDataset(Dataset):
         epoch, index = key
         rec = self.records[index]
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        weak, strong = self.transform(self.cache.get(rec.image_path), generator)
-        return {"image": weak, "image_strong": strong, "report": rec.report, "lang": rec.lang, "index": index}
+        drawn = self.transform.draw(self.cache.get(rec.image_path), generator)
+        return {**drawn, "report": rec.report, "lang": rec.lang, "index": index}
 
 
 class EvalDataset(Dataset):
@@ -162,18 +164,19 @@ class EpochStream:
 
 
 @dataclass
-class TextCollator:
-    """Pads a batch and tokenizes its reports in one call of the fast tokenizer (no
-    tokenizer: images only, for the supervised reference)."""
+class PairCollator:
+    """Finishes a batch of :class:`PairDataset` items: both image views in one batched
+    call of ``views.finish``, the reports padded and tokenized in one call of the fast
+    tokenizer (no tokenizer: images only, for the supervised reference)."""
 
+    views: TwoViewTransform
     tokenizer: Optional[Callable]
     max_length: int
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {key: [it[key] for it in items] for key in items[0]}
-        for key in ("image", "image_strong"):
-            if key in batch:
-                batch[key] = torch.stack(batch[key])
+        drawn = {key: torch.stack(batch.pop(key)) for key in ("image", "image_strong", "jitter")}
+        batch["image"], batch["image_strong"] = self.views.finish(drawn)
         batch["index"] = torch.tensor(batch["index"])
         if self.tokenizer is None:
             return batch
@@ -193,11 +196,12 @@ def pair_stream(records: Sequence[Record], cache: ImageCache, tokenizer: Optiona
     whole accumulation groups per epoch, order and views from ``seed`` alone. ``image`` is
     the model's image config (size, mean, std). The stream starts at epoch 0, batch 0; a
     resume sets ``epoch`` and ``batch``."""
-    dataset = PairDataset(records, cache, TwoViewTransform(image.size, image.mean, image.std), seed)
+    views = TwoViewTransform(image.size, image.mean, image.std)
+    dataset = PairDataset(records, cache, views, seed)
     sampler = EpochSampler(len(dataset), seed, rank, world_size)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=TextCollator(tokenizer, max_length), drop_last=True,
+        collate_fn=PairCollator(views, tokenizer, max_length), drop_last=True,
         generator=torch.Generator().manual_seed(seed),  # never touch the global RNG
         persistent_workers=False,
     )

@@ -7,10 +7,15 @@ import pytest
 import torch
 
 from medunic_core.data.transforms import (
+    STRONG_RATIO,
+    STRONG_SCALE,
     TwoViewTransform,
     eval_transform,
+    random_resized_crop,
     sample_crop,
     strong_view,
+    to_model_input,
+    warp,
     weak_view,
 )
 
@@ -83,3 +88,43 @@ def test_transforms_leave_global_rng_untouched(img: np.ndarray) -> None:
 def test_views_reject_non_uint8_input() -> None:
     with pytest.raises(ValueError, match="uint8"):
         weak_view(np.zeros((8, 8), np.float32), 4, torch.Generator())
+
+
+def _torchvision_strong_view(img: np.ndarray, size: int, generator: torch.Generator) -> torch.Tensor:
+    """The strong view as torchvision's per-image ``affine`` computes it (the reference the
+    batched warp must match): the same draws in the same order, defaults of strong_view."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    x = random_resized_crop(img, size, generator, STRONG_SCALE, STRONG_RATIO)
+    u = [float(torch.rand((), generator=generator, dtype=torch.float64)) for _ in range(5)]
+    angle, tx, ty = -90 + 180 * u[0], (-0.1 + 0.2 * u[1]) * size, (-0.1 + 0.2 * u[2]) * size
+    factor, shear = 0.9 + 0.2 * u[3], -10 + 20 * u[4]
+    x = F.affine(x, angle=angle, translate=[tx, ty], scale=factor, shear=[shear, 0.0],
+                 interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+    return to_model_input(F.autocontrast(x), 0.5, 0.5)
+
+
+def test_batched_views_equal_torchvision_per_image_exactly() -> None:
+    """The collator's batched finish gives each image exactly the values of the per-image
+    path and of torchvision's affine, so batching changes no training figure."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=(80, 80), dtype=np.uint8) for _ in range(48)]
+    views = TwoViewTransform(64)
+    drawn = [views.draw(im, torch.Generator().manual_seed(100 + i)) for i, im in enumerate(images)]
+    weak, strong = views.finish({k: torch.stack([d[k] for d in drawn]) for k in drawn[0]})
+    for i, im in enumerate(images):
+        assert torch.equal(weak[i], weak_view(im, 64, torch.Generator().manual_seed(100 + i)))
+        g = torch.Generator().manual_seed(100 + i)
+        weak_view(im, 64, g)  # the weak view's draws come first
+        assert torch.equal(strong[i], _torchvision_strong_view(im, 64, g))
+        one = views(im, torch.Generator().manual_seed(100 + i))
+        assert torch.equal(one[0], weak[i]) and torch.equal(one[1], strong[i])
+
+
+def test_warp_identity_keeps_the_image_and_rotation_moves_it(img: np.ndarray) -> None:
+    x = torch.from_numpy(img)[None, None]
+    identity = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(warp(x, identity), x)
+    quarter = torch.tensor([[0.0, -1.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)  # 90 degrees
+    assert torch.equal(warp(x, quarter)[0, 0], torch.rot90(x[0, 0], 1, (0, 1)))
