@@ -404,7 +404,7 @@ def load_config(
         cfg = _merge(cfg, _load_yaml(path), str(path))
     elif preset is not None:
         path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
+        if preset not in list_presets():  # a name, never a path: a run config names it over the network
             close = difflib.get_close_matches(preset, list_presets(), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(

@@ -134,7 +134,9 @@ def check_identity(content: Content) -> tuple[str, str]:
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, tuple[int, ...]], dtype: str) -> dict[str, np.ndarray]:
-    """Exactly the sent names and shapes, in the wire dtype, all finite -> float32 copies."""
+    """Exactly the sent names and shapes, in the wire dtype, all finite, BatchNorm variances
+    not negative (one negative entry, however small its norm, averages into a variance whose
+    square root is NaN in every evaluation) -> float32 copies."""
     missing = sorted(set(sent) - set(arrays))
     extra = sorted(set(arrays) - set(sent))
     if missing or extra:
@@ -150,6 +152,8 @@ def check_arrays(arrays: Mapping[str, np.ndarray], sent: Mapping[str, tuple[int,
             raise InvalidReply(f"weight {name}: shape {tuple(a.shape)}, sent {tuple(shape)}")
         if not np.isfinite(a).all():
             raise InvalidReply(f"weight {name} is not finite")
+        if name.endswith(".running_var") and (a < 0).any():
+            raise InvalidReply(f"weight {name}: a BatchNorm variance below 0")
         out[name] = a.astype(np.float32)
     return out
 

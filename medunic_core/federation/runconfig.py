@@ -131,6 +131,12 @@ def run_overrides(run_config: Mapping[str, Any]) -> list[str]:
             items = shlex.split(raw)
         except ValueError as exc:
             raise ConfigError(f"run config 'overrides': {exc} in {raw!r}") from None
+    for item in out + items:
+        # An interpolation would resolve where the config is loaded, at each site: a run config
+        # could read a site's environment (${oc.env:...}) or files into values and error messages.
+        if "${" in item:
+            raise ConfigError(f"run config override {item!r}: interpolations (${{...}}) are not allowed; "
+                              "write the value itself")
     return out + items
 
 

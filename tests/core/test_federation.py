@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from medunic_core.align import alignment_layout
 from medunic_core.config import load_config
@@ -52,6 +53,26 @@ def test_readable_run_config_keys_become_overrides(tmp_path, monkeypatch):
     assert cfg.fed.rounds == 3 and cfg.train.lr == 1e-3
     with pytest.raises(ConfigError, match="rounds"):
         run_overrides({"rounds": -1})
+
+
+def test_a_run_config_cannot_read_a_sites_environment_or_files(tmp_path, monkeypatch):
+    """The attack: the coordinator's run config says eval.split=${oc.env:SECRET,test}; at
+    the coordinator SECRET is unset so the run starts, at the site it resolves to the
+    secret, and the site's error ("no '<secret>' rows") travels back in the error reply.
+    Or its preset names a YAML file anywhere on the site's disk. Both are refused."""
+    monkeypatch.setenv("MEDUNIC_TEST_SECRET", "hunter2")
+    assert OmegaConf.from_dotlist(["a=${oc.env:MEDUNIC_TEST_SECRET,test}"]).a == "hunter2"  # what it would do
+    for overrides in ("eval.split=${oc.env:MEDUNIC_TEST_SECRET,test}", json.dumps(["train.lr=${oc.env:HOME}"]),
+                      "'data.langs=[en,${oc.env:MEDUNIC_TEST_SECRET}]'"):
+        with pytest.raises(ConfigError, match="interpolations"):
+            load_run_config({"preset": "tiny", "overrides": overrides})
+    with pytest.raises(ConfigError, match="interpolations"):
+        load_run_config({"preset": "tiny", "out": "runs/${oc.env:MEDUNIC_TEST_SECRET}"})
+    elsewhere = tmp_path / "evil.yaml"
+    elsewhere.write_text("train:\n  lr: 0.5\n")
+    for preset in (str(tmp_path / "evil"), "../../" + str(tmp_path / "evil"), "presets/tiny"):
+        with pytest.raises(ConfigError, match="unknown preset"):
+            load_run_config({"preset": preset})
 
 
 def test_stage_overrides_may_set_only_what_a_simulation_stages():
@@ -122,6 +143,20 @@ def test_a_train_reply_fits_what_was_sent_or_is_refused_with_the_reason():
             check_train_reply(_content(weights=weights, usage=usage), sent, "en")
     with pytest.raises(InvalidReply, match="unexpected record"):
         check_train_reply(_content(weights={"w": np.ones((2, 3), np.float16)}, usage=usage, extra={}), sent, "en")
+
+
+def test_a_negative_batchnorm_variance_is_refused_however_small_the_update():
+    """The attack: a site returns the weights it received, one running variance set to -3
+    (update norm 4, far inside the outlier limit); averaged in, sqrt(var + eps) is NaN in
+    every later evaluation. The reply is refused; a zero variance is still a variance."""
+    name = "image_proj.bn.running_var"
+    sent = Sent({"w": (2, 3), name: (4,)}, "float16", max_examples=8, token_rows=4)
+    usage = {P.TOKEN_ROWS: np.array([1, 0, 1, 0], np.uint8)}
+    weights = {"w": np.ones((2, 3), np.float16), name: np.array([1.0, 0.0, 2.0, 1.0], np.float16)}
+    assert check_train_reply(_content(weights=weights, usage=usage), sent, "en").arrays[name].min() == 0.0
+    weights[name] = np.array([1.0, -3.0, 2.0, 1.0], np.float16)
+    with pytest.raises(InvalidReply, match="running_var: a BatchNorm variance below 0"):
+        check_train_reply(_content(weights=weights, usage=usage), sent, "en")
 
 
 def test_a_vocabulary_reply_keeps_rare_words_out_and_counts_within_reports():
