@@ -123,6 +123,12 @@ class ReleaseLedger:
         os.replace(tmp, self.path)
 
 
+# The delta a site's epsilon budget holds at when the site sets no dp-max-delta. Without it
+# the run's delta would set it: epsilon falls as delta grows, so a run with delta 0.9 would
+# let a site with dp-max-epsilon release many times what its budget means at 1e-5.
+DEFAULT_MAX_DELTA = 1e-5
+
+
 def check_release(
     dp: DpUpdateConfig, rounds: int, ledger: ReleaseLedger, server_round: int, site: str,
     max_epsilon: Optional[float] = None, max_delta: Optional[float] = None,
@@ -130,10 +136,12 @@ def check_release(
     """The noise multiplier of this site's next release, if its budget allows one.
 
     A site with a budget (``max_epsilon``, ``max_delta``) refuses a run without update DP,
-    a run whose delta is above its own, and any release after which its epsilon over all
-    releases of its data would exceed the budget. Checked before training, so that a
-    refused round costs the site nothing.
+    a run whose delta is above its own (``DEFAULT_MAX_DELTA`` when it gave only epsilon),
+    and any release after which its epsilon over all releases of its data would exceed the
+    budget. Checked before training, so that a refused round costs the site nothing.
     """
+    if max_epsilon is not None and max_delta is None:
+        max_delta = DEFAULT_MAX_DELTA
     if max_epsilon is not None or max_delta is not None:
         if not dp.enabled:
             raise PrivacyBudgetError(f"site '{site}' has a privacy budget (node config dp-max-epsilon/dp-max-delta) "

@@ -16,7 +16,14 @@ from medunic_core.config import load_config
 from medunic_core.data.manifest import read_manifest
 from medunic_core.errors import ConfigError
 from medunic_core.mlm import train_mlm
-from medunic_core.privacy import ReleaseLedger, privatize_update, update_noise_multiplier
+from medunic_core.errors import PrivacyBudgetError
+from medunic_core.privacy import (
+    DEFAULT_MAX_DELTA,
+    ReleaseLedger,
+    check_release,
+    privatize_update,
+    update_noise_multiplier,
+)
 
 
 def _opacus_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -130,3 +137,18 @@ def test_dp_linear_probe_learns_and_reports_the_accountants_epsilon():
     accountant = RDPAccountant()
     accountant.history = [(0.8, 1 / 3, steps_half), (0.8, 1 / 6, steps_full)]
     assert res[0.5]["privacy"]["epsilon_all_fits"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_a_run_cannot_stretch_an_epsilon_only_budget_with_a_large_delta(tmp_path):
+    """The attack: a site started with --dp-max-epsilon 2 only; the coordinator's run asks
+    for delta 0.9, at which the same noise costs far less epsilon than at 1e-5, so the site
+    would release several times what its budget means. The site holds its epsilon at
+    DEFAULT_MAX_DELTA instead and refuses the run's delta."""
+    updates = lambda delta: load_config("tiny", ["dp.updates.enabled=true", f"dp.updates.delta={delta}",
+                                                 "dp.updates.noise_multiplier=6"]).dp.updates
+    ledger = ReleaseLedger(tmp_path / "ledger.json")
+    assert ledger.epsilon(0.9, next_noise=6.0) < 0.2 < 2.0 < ledger.epsilon(DEFAULT_MAX_DELTA, next_noise=6.0) * 3
+    with pytest.raises(PrivacyBudgetError, match="delta=0.9 is above the site's dp-max-delta=1e-05"):
+        check_release(updates(0.9), 5, ledger, 1, "es-1", max_epsilon=2.0)
+    assert check_release(updates(DEFAULT_MAX_DELTA), 5, ledger, 1, "es-1", max_epsilon=2.0) == 6.0
+    assert check_release(updates(1e-3), 5, ledger, 1, "es-1", max_epsilon=2.0, max_delta=1e-3) == 6.0  # its own
