@@ -14,7 +14,9 @@ from one uvicorn server on two listeners:
   ``flwr``) and for the SuperExec the SuperLink starts;
 - the **public listener** (``--public HOST:PORT``): the Fleet API routes and ``/health``,
   nothing else. Any other path, whatever the caller holds, is answered ``403`` with a line
-  saying why, and logged.
+  saying why, and logged. A request body larger than ``MAX_BODY`` is answered ``413``
+  before the app sees it: Flower reads a whole body before it checks the node's signature,
+  so without a cap anyone with the CA certificate could make the SuperLink buffer gigabytes.
 
 The listener a request came in on is the local port of its connection (ASGI
 ``scope["server"]``), which a caller cannot choose. Pinned to flwr 1.42.0: the wrapper
@@ -40,6 +42,11 @@ import flwr
 PINNED_FLWR = "1.42.0"
 REFUSAL = ("medunic coordinator: this port serves only the Fleet API (site daemons); the Control and Runtime "
            "APIs are reachable from the coordinator host only")
+# The largest Fleet request body the public listener accepts. Flower sends an array in chunks
+# of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), one object per push-object request;
+# the other Fleet messages are small. Four chunks' worth leaves room for protobuf framing.
+MAX_BODY = 20 * 1024 * 1024
+TOO_LARGE = f"medunic coordinator: a request body on this port is at most {MAX_BODY} bytes"
 
 log = logging.getLogger("flwr.medunic.superlink")
 
@@ -66,20 +73,70 @@ class FleetOnly:
         return server[1] == self.public_port
 
     async def __call__(self, scope: Scope, receive, send) -> None:
-        if scope["type"] in ("http", "websocket") and self.on_public_listener(scope) and scope["path"] not in self.allowed:
-            client = scope.get("client") or ("?", 0)
+        if scope["type"] not in ("http", "websocket") or not self.on_public_listener(scope):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client") or ("?", 0)
+        if scope["path"] not in self.allowed:
             log.warning("refused %s %s from %s:%s on the public port", scope.get("method", "WS"), scope["path"][:200],
                         client[0], client[1])
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            body = json.dumps({"detail": REFUSAL}).encode()
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _refuse(send, 403, REFUSAL)
             return
+        if scope["type"] == "http":
+            body = await _read_body(scope, receive, MAX_BODY)
+            if body is None:
+                log.warning("refused %s %s from %s:%s on the public port: body over %d bytes", scope["method"],
+                            scope["path"][:200], client[0], client[1], MAX_BODY)
+                await _refuse(send, 413, TOO_LARGE)
+                return
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+
+async def _refuse(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(scope: Scope, receive, limit: int) -> Optional[bytes]:
+    """The whole request body, or None as soon as it is known to exceed ``limit`` bytes (by
+    its Content-Length, or while reading a body sent without one): at most ``limit`` bytes
+    are ever held."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length" and (not value.strip().isdigit() or int(value) > limit):
+            return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return b"".join(chunks)
+        size += len(message.get("body", b""))
+        if size > limit:
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that hands the app the body already read, then the connection's own
+    messages (a disconnect)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -6,7 +6,10 @@ still complete its rounds."""
 
 from __future__ import annotations
 
+import http.client
 import re
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,7 @@ from client.supernode import installed_app_hash
 from medunic_core.cli import subprocess_env
 from server.coordinator import CONNECTION, run_status, write_connection
 from server.registry import REGISTRY_FILE, SiteRegistry
-from server.superlink import REFUSAL
+from server.superlink import REFUSAL, TOO_LARGE
 
 from tests.deployment.loopback import SITES, free_port, loopback_federation, wait_until
 
@@ -112,8 +115,18 @@ def test_an_outsider_with_only_the_ca_cannot_run_code_control_the_run_or_join(
         lb.started.append(joined)
         assert joined.wait(timeout=120) != 0
         assert "[code: 2004] Failed to activate SuperNode" in (outsider / "supernode.log").read_text()
+        # 4: make the SuperLink buffer a huge body (Flower reads a body whole before it checks the
+        # signature): a 10 GB Content-Length is answered 413 at once, over TLS with only ca.crt
+        tls = ssl.create_default_context(cafile=str(lb.certs / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", lb.port), timeout=30) as raw, \
+                tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Content-Length: {10**10}\r\n\r\n".encode())
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 413 and TOO_LARGE in response.read().decode()
 
-        # 4: list, read the logs of and stop the legitimate run while it runs
+        # 5: list, read the logs of and stop the legitimate run while it runs (which still completes)
         wait = lb.run_in_background("fed.rounds=2", "fed.local_steps=2")
         run_id = wait_until(lambda: re.findall(r"Successfully started run (\d+)",
                                                (tmp_path / "run-1.log").read_text(errors="replace"))

@@ -1,0 +1,97 @@
+"""The public listener's wrapper (server.superlink.FleetOnly) under a real uvicorn on
+loopback: an outsider's oversized body is refused before the app reads it, whether it is
+announced (Content-Length) or streamed (chunked), and honest Fleet requests pass whole.
+The full SuperLink behind it is attacked in tests/deployment/test_security.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from typing import Iterator
+
+import pytest
+import uvicorn
+
+from server.superlink import MAX_BODY, REFUSAL, TOO_LARGE, FleetOnly, bind
+from tests.deployment.loopback import free_port
+
+FLEET = "/v1/fleet/push-object"
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[int, int, list[int]]]:
+    """(public port, control port, body sizes the app received) of a wrapped echo app."""
+    seen: list[int] = []
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        seen.append(len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    public, control = free_port(), free_port()
+    server = uvicorn.Server(uvicorn.Config(FleetOnly(app, public, frozenset({FLEET})), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [bind("127.0.0.1", control),
+                                                                     bind("127.0.0.1", public)]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield public, control, seen
+    server.should_exit = True
+    thread.join(timeout=20)
+
+
+def _post(port: int, body: bytes, path: str = FLEET) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/protobuf"})
+        response = conn.getresponse()
+        data = response.read()
+        return response.status, (json.loads(data) if response.status != 200 else {})
+    finally:
+        conn.close()
+
+
+def _attack(port: int, head: str, chunks: Iterator[bytes]) -> tuple[int, dict]:
+    """An outsider's request, raw: the head, then body bytes for as long as the server
+    reads them; then the server's answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the server stopped reading: its answer is below
+            pass
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_an_oversized_body_on_the_public_port_is_refused_before_the_app_reads_it(listener):
+    public, control, seen = listener
+    assert _post(public, b"x" * 1000) == (200, {}) and seen == [1000]  # an honest request, whole
+    assert _post(public, b"x" * MAX_BODY)[0] == 200 and seen[-1] == MAX_BODY  # the cap itself passes
+
+    # announced: a Content-Length of 10 GB, answered at once, before any of the body is sent
+    head = f"POST {FLEET} HTTP/1.1\r\nHost: x\r\nContent-Length: {10**10}\r\n\r\n"
+    assert _attack(public, head, iter(())) == (413, {"detail": TOO_LARGE})
+    # streamed without a length: 1 MiB chunks, cut off once past the cap
+    head = f"POST {FLEET} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n" % 2**20 + b"x" * 2**20 + b"\r\n"
+    assert _attack(public, head, (chunk for _ in range(MAX_BODY // 2**20 + 1))) == (413, {"detail": TOO_LARGE})
+    assert seen == [1000, MAX_BODY]  # the app saw neither
+    # other paths are still refused as before; the control listener (loopback, trusted) is not capped
+    assert _post(public, b"", path="/v1/control/start-run") == (403, {"detail": REFUSAL})
+    assert _post(control, b"x" * (MAX_BODY + 1))[0] == 200 and seen[-1] == MAX_BODY + 1
