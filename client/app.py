@@ -16,12 +16,18 @@ weights, calls medunic_core and replies with what may leave a site (medunic_core
   reports -> weights of the text encoder and MLM head, loss, token rows (DP as in train);
 - ``query.vocab``: the vocabulary stage: per language, document frequencies of the words
   in at least ``vocab.min_df`` of the site's reports (rarer words never leave the site).
+
+A deployment site also holds its release floors (client.site, medunic_core.privacy): it
+sends nothing drawn from fewer than ``min-pairs`` distinct pairs (a round too small is
+refused before training; a language's alignment sums drawn from fewer stay at the site) and
+no word found in fewer than ``min-df`` of its reports, whatever the run config asks.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Optional
 
 import numpy as np
@@ -44,7 +50,9 @@ from medunic_core.federation.replies import Content
 from medunic_core.federation.stages import MLM, VLP, stage_model
 from medunic_core.local import collect_statistics, site_records, train_site
 from medunic_core.mlm import train_mlm_site
-from medunic_core.privacy import ReleaseLedger, check_release, release_update
+from medunic_core.privacy import (
+    ReleaseLedger, check_min_df, check_release, check_round_size, release_update, releasable_languages,
+)
 from medunic_core.round_state import RoundState
 from medunic_core.vocab import site_word_counts
 
@@ -141,10 +149,15 @@ def train(msg: Message, context: Context) -> Message:
     if P.ALIGN in msg.content.array_records:
         others = AlignmentState.from_flat(record_arrays(msg.content[P.ALIGN]))
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
+    what = f"round {s.round}"
+    tr = s.cfg.train
+    check_round_size(s.cfg.fed.local_steps * tr.batch_size * tr.accum_steps, len(records), s.site.min_pairs,
+                     s.site.name, what)
     result = train_site(s.model, records, s.cache, s.tokenizer, s.cfg, s.round, others, s.device,
                         carried=RoundState(s.site.state_dir, s.run_key, VLP))
+    alignment = result.alignment.only(releasable_languages(result.drawn, s.site.min_pairs, s.site.name, what))
     metrics = {P.NUM_EXAMPLES: result.num_examples, **{f"train_{k}": float(v) for k, v in result.metrics.items()}}
-    return _update_reply(msg, context, s, metrics, result.token_rows, {P.ALIGN: result.alignment.to_flat()}, privacy)
+    return _update_reply(msg, context, s, metrics, result.token_rows, {P.ALIGN: alignment.to_flat()}, privacy)
 
 
 @app.train(P.MLM)
@@ -155,8 +168,12 @@ def train_mlm(msg: Message, context: Context) -> Message:
                           "DP at the site) or run `medunic mlm` with dp.sgd at one site")
     privacy = _privacy(s)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
-    result, token_rows = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round, s.device,
-                                        carried=RoundState(s.site.state_dir, s.run_key, MLM))
+    what = f"MLM round {s.round}"
+    check_round_size(s.cfg.fed.local_steps * min(s.cfg.mlm.batch_size, len(records)), len(records),
+                     s.site.min_pairs, s.site.name, what)
+    result, token_rows, drawn = train_mlm_site(s.model, [r.report for r in records], s.tokenizer, s.cfg, s.round,
+                                               s.device, carried=RoundState(s.site.state_dir, s.run_key, MLM))
+    check_round_size(drawn, drawn, s.site.min_pairs, s.site.name, what)
     metrics = {P.NUM_EXAMPLES: result.num_examples, "train_mlm_loss": result.metrics["loss"],
                "train_lr": result.metrics["lr"]}
     return _update_reply(msg, context, s, metrics, token_rows, {}, privacy)
@@ -167,7 +184,10 @@ def stats(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     records = site_records(s.cfg, s.site.name, s.site.lang, "train", s.site.manifest)
     batches = int(msg.content[P.CONFIG].get(P.BATCHES, 4))
-    state = collect_statistics(s.model, records, s.cache, s.tokenizer, s.cfg, batches, s.device)
+    what = f"the statistics pass of round {s.round}"
+    check_round_size(batches * s.cfg.train.batch_size, len(records), s.site.min_pairs, s.site.name, what)
+    state, drawn = collect_statistics(s.model, records, s.cache, s.tokenizer, s.cfg, batches, s.device)
+    state = state.only(releasable_languages(drawn, s.site.min_pairs, s.site.name, what))
     return _send(msg, s.site, Content(arrays={P.ALIGN: state.to_flat()}, configs={P.SITE: _identity(s.site)}))
 
 
@@ -178,6 +198,8 @@ def community(msg: Message, context: Context) -> Message:
     encoder = Encoder(s.model.to(s.device), s.tokenizer, s.cfg, s.device)
     feats = torch.as_tensor(encoder.texts([r.report for r in records])[1], device=s.device)
     state = community_statistics(s.model, feats, [r.lang for r in records])
+    drawn = dict(Counter(r.lang for r in records))
+    state = state.only(releasable_languages(drawn, s.site.min_pairs, s.site.name, "the community statistics"))
     return _send(msg, s.site, Content(arrays={P.ALIGN: state.to_flat()}, configs={P.SITE: _identity(s.site)}))
 
 
@@ -208,6 +230,7 @@ def vocab(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get(P.CONFIG, ConfigRecord())
     cfg = site_config(context.run_config, context.node_config, config.get(P.STAGE_OVERRIDES))  # no tokenizer yet
     site = resolve_site(context.run_config, context.node_config, cfg)
+    check_min_df(cfg.vocab.min_df, site.min_df, site.name)
     records = site_records(cfg, site.name, site.lang, "train", site.manifest)
     counts = site_word_counts(cfg.vocab, [(r.report, r.lang) for r in records], cfg.model.text.max_length)
     content = Content(configs={P.SITE: _identity(site)})

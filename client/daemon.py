@@ -6,7 +6,8 @@ through client.supernode (which runs only the apps this site allows: the medunic
 here, plus ``allow_apps`` hashes) against the coordinator with TLS (the federation's CA)
 and the site's own key (``medunic client keygen``), and with the node config the ClientApp
 reads: ``site``, ``lang``, ``data-path``, ``cache-dir``, ``state-dir``, ``tokenizer``,
-``text-encoder`` and the privacy budget ``dp-max-epsilon`` / ``dp-max-delta``. The SuperNode's
+``text-encoder``, the privacy budget ``dp-max-epsilon`` / ``dp-max-delta`` and the release
+floors ``min-pairs`` / ``min-df`` (client.app: what the site never sends). The SuperNode's
 own Runtime API listens on loopback only; Flower's telemetry, update check and runtime
 dependency installation are off; its log also goes to ``<state>/logs/site.log`` (rotated
 daily, 14 kept).
@@ -32,6 +33,7 @@ from client.supernode import check_sha256, installed_app_hash
 from medunic_core.cli import subprocess_env
 from medunic_core.data.language import site_language, site_language_arg
 from medunic_core.errors import ConfigError, SiteDataError
+from medunic_core.privacy import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 from medunic_core.service import ServiceSettings, systemd_unit, write_files
 
 
@@ -59,6 +61,8 @@ class SiteSettings(ServiceSettings):
     max_bad: float = 0.05
     dp_max_epsilon: Optional[float] = None
     dp_max_delta: Optional[float] = None
+    min_pairs: int = DEFAULT_MIN_PAIRS  # the fewest distinct pairs behind anything the site sends
+    min_df: int = DEFAULT_MIN_DF  # the fewest reports a word it sends must be found in
     allow_apps: list[str] = field(default_factory=list)  # extra allowed FAB sha256
     insecure: bool = False
 
@@ -71,6 +75,10 @@ class SiteSettings(ServiceSettings):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name.replace('_', '-')} {value}: a privacy budget must be > 0")
+        for name in ("min_pairs", "min_df"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} {value!r}: a whole number >= 1")
         self.allow_apps = [check_sha256(h) for h in self.allow_apps]
         self.state = self.state or str(default_state(self.site))
         self.cache = self.cache or str(Path(self.state) / "cache")
@@ -86,7 +94,8 @@ class SiteSettings(ServiceSettings):
                 raise ConfigError(f"{k} {v!r} contains a quote; use a path without one")
         budget = {"dp-max-epsilon": self.dp_max_epsilon, "dp-max-delta": self.dp_max_delta}
         return " ".join([*(f"{k}='{v}'" for k, v in values.items()),
-                         *(f"{k}={float(b)!r}" for k, b in budget.items() if b is not None)])
+                         *(f"{k}={float(b)!r}" for k, b in budget.items() if b is not None),
+                         f"min-pairs={self.min_pairs}", f"min-df={self.min_df}"])
 
     def supernode_command(self) -> list[str]:
         command = [sys.executable, "-m", "client.supernode", *(f"--allow-app={h}" for h in self.allow_apps),
@@ -168,6 +177,12 @@ def _settings_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="this site's privacy budget: train only in runs with update-level DP, and stop releasing "
                         "updates before epsilon over all releases of its data passes this")
     p.add_argument("--dp-max-delta", type=float, default=None, help="largest delta this site accepts")
+    p.add_argument("--min-pairs", type=int, default=DEFAULT_MIN_PAIRS,
+                   help="send nothing drawn from fewer distinct pairs: refuse smaller rounds, keep a language's "
+                        "alignment sums drawn from fewer (default: %(default)s)")
+    p.add_argument("--min-df", type=int, default=DEFAULT_MIN_DF,
+                   help="send no word found in fewer of the site's reports: refuse a vocabulary stage with a lower "
+                        "vocab.min_df (default: %(default)s)")
     p.add_argument("--allow-app", dest="allow_apps", action="append", default=[], metavar="SHA256",
                    help="also run the app with this FAB sha256 (repeat); by default only the medunic installed here")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (testing only)")

@@ -3,7 +3,9 @@
 Deployment: the SuperNode's node config names the site (``site``, ``lang``,
 ``data-path`` to its manifest, optional ``cache-dir`` and ``tokenizer``) and may set the
 site's privacy budget (``dp-max-epsilon``, ``dp-max-delta``: the site then trains only
-in runs with update-level DP and stops releasing updates before the budget is spent). Simulation: the
+in runs with update-level DP and stops releasing updates before the budget is spent) and its
+release floors (``min-pairs``, ``min-df``; medunic_core.privacy's defaults when absent).
+Simulation (no floors: the researcher's own public data): the
 node config only holds ``partition-id``; the run config's ``sites`` list
 (``"en-1:en,es-1:es"``) maps partitions to sites of the shared manifest, and the run's
 config (medunic_core.federation.runconfig, with the coordinator's stage overrides) names the
@@ -28,6 +30,7 @@ from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError, PrivacyBudgetError
 from medunic_core.export import folder_sha256
 from medunic_core.federation.runconfig import parse_sites, run_overrides, stage_overrides
+from medunic_core.privacy import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 from medunic_core.vocab import load_tokenizer
 
 
@@ -131,6 +134,8 @@ class Site:
     state_dir: str
     dp_max_epsilon: Optional[float] = None
     dp_max_delta: Optional[float] = None
+    min_pairs: int = 0  # release floors: distinct pairs behind anything it sends,
+    min_df: int = 0  # and the reports a word it sends must be found in
 
     @property
     def state(self) -> SiteState:
@@ -149,6 +154,13 @@ def _budget(node_config: Mapping[str, Any], key: str) -> Optional[float]:
     return value
 
 
+def _floor(node_config: Mapping[str, Any], key: str, default: int) -> int:
+    value = node_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ConfigError(f"node config {key}={value!r}: a whole number >= 1")
+    return int(value)
+
+
 def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], cfg: MedUniCConfig) -> Site:
     """This node's site from its node config (deployment) or its partition (simulation)."""
     tokenizer = str(node_config.get("tokenizer") or cfg.train.tokenizer or "")
@@ -164,6 +176,7 @@ def resolve_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
             str(node_config["site"]), lang, str(node_config["data-path"]),
             str(node_config.get("cache-dir", cfg.data.cache_dir)), tokenizer, str(node_config["state-dir"]),
             _budget(node_config, "dp-max-epsilon"), _budget(node_config, "dp-max-delta"),
+            _floor(node_config, "min-pairs", DEFAULT_MIN_PAIRS), _floor(node_config, "min-df", DEFAULT_MIN_DF),
         )
     if "partition-id" not in node_config:
         raise ConfigError("node config has neither 'site' (deployment) nor 'partition-id' (simulation)")

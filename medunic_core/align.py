@@ -78,6 +78,10 @@ class AlignmentState:
         out.sums.update({c: dict(b) for c, b in other.sums.items()})
         return out
 
+    def only(self, communities: Sequence[str]) -> "AlignmentState":
+        """This state with the sums of ``communities`` alone."""
+        return AlignmentState({c: dict(b) for c, b in self.sums.items() if c in communities})
+
     def moments(self, community: str, key: str) -> Optional[tuple[float, torch.Tensor, torch.Tensor]]:
         """(n, mean, E[x^2]) of one BatchNorm input of one community, or None if absent."""
         bucket = self.sums.get(community, {})

@@ -43,7 +43,7 @@ class FederationError(MedunicError):
 
 
 class PrivacyBudgetError(MedunicError):
-    """A release that a site's privacy budget or DP requirement does not allow."""
+    """A release that a site's privacy budget, DP requirement or release floors do not allow."""
 
     exit_code = 7
 

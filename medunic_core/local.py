@@ -13,6 +13,7 @@ on their own.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -43,6 +44,7 @@ class SiteRound:
     metrics: dict[str, float]  # mean of each loss part over the round, and the last step's lr
     alignment: AlignmentState
     token_rows: np.ndarray  # bool, one per vocabulary row: used by this round's batches
+    drawn: dict[str, int]  # distinct pairs behind the round, per language (the site's release floors)
 
 
 def site_records(cfg: MedUniCConfig, site: str, lang: str, split: str, manifest: Optional[str] = None) -> list[Record]:
@@ -106,6 +108,7 @@ def train_site(
         else None
     )
     token_rows = np.zeros(model.text_encoder.bert.config.vocab_size, dtype=bool)
+    drawn: set[int] = set()
 
     def loss_fn(batch: dict) -> tuple[dict[str, torch.Tensor], int]:
         parts = forward_loss(model, batch, cfg, device, aligner=aligner)
@@ -113,6 +116,7 @@ def train_site(
             parts["prox_loss"] = sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if n in anchor)
             parts["loss"] = parts["loss"] + fed.proximal_mu / 2 * parts["prox_loss"]
         token_rows[batch["input_ids"][batch["attention_mask"].bool()].unique().numpy()] = True
+        drawn.update(batch["index"].tolist())
         return parts, len(batch["report"])
 
     with aligner.attached():
@@ -120,7 +124,11 @@ def train_site(
                              where=f"round {server_round}", progress=progress)
     if carried is not None:
         carried.save(server_round, {**stepper.state_dict(), "stream": (stream.epoch, stream.batch), "rng": rng_state()})
-    return SiteRound(result.num_examples, result.metrics, aligner.collected, token_rows)
+    return SiteRound(result.num_examples, result.metrics, aligner.collected, token_rows, _by_language(records, drawn))
+
+
+def _by_language(records: Sequence[Record], indices: set[int]) -> dict[str, int]:
+    return dict(Counter(records[i].lang for i in indices))
 
 
 @torch.no_grad()
@@ -132,17 +140,20 @@ def collect_statistics(
     cfg: MedUniCConfig,
     batches: int,
     device: torch.device = torch.device("cpu"),
-) -> AlignmentState:
+) -> tuple[AlignmentState, dict[str, int]]:
     """A statistics-only pass (``align.round1 = stats``): the alignment sums of a few
-    training-mode batches, with no update (BatchNorm running statistics are restored)."""
+    training-mode batches, with no update (BatchNorm running statistics are restored), and
+    the distinct pairs behind them per language."""
     records, _ = prepare_images(records, cache, progress=False)
     stream = pair_stream(records, cache, tokenizer, cfg.train.batch_size, 1, cfg.model.text.max_length,
                          cfg.model.image, cfg.train.seed, cfg.data.num_workers)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device).train()
     aligner = Aligner(model, mode="local", include_image=cfg.align.image)
+    drawn: set[int] = set()
     with aligner.attached():
         for i, batch in zip(range(batches), stream):
             forward_loss(model, batch, cfg, device, aligner=aligner)
+            drawn.update(batch["index"].tolist())
     model.load_state_dict(saved)
-    return aligner.collected
+    return aligner.collected, _by_language(records, drawn)

@@ -161,10 +161,11 @@ def mlm_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: MedUniC
 def train_mlm_site(
     model: nn.Module, reports: list[str], tokenizer, cfg: MedUniCConfig, server_round: int,
     device: torch.device = torch.device("cpu"), carried: Optional[RoundState] = None,
-) -> tuple[LocalResult, np.ndarray]:
+) -> tuple[LocalResult, np.ndarray, int]:
     """One federated round of MLM at a site (medunic_core.loop): ``fed.local_steps`` steps on
     its own reports, with the learning rate the centralized schedule (``mlm.*`` over
-    ``fed.rounds x fed.local_steps`` steps) has at those steps; and the token rows it read.
+    ``fed.rounds x fed.local_steps`` steps) has at those steps; the token rows it read and
+    the number of distinct reports behind the round (the site's release floors).
     With ``carried`` and ``fed.site_optimizer = keep`` the AdamW moments carry over rounds."""
     if not reports:
         raise SiteDataError("no reports to post-train the text encoder on")
@@ -179,17 +180,19 @@ def train_mlm_site(
     if previous is not None and fed.site_optimizer == "keep":
         stepper.load_optimizer_state(previous)
     rows = np.zeros(len(tokenizer), dtype=bool)
+    drawn: set[int] = set()
 
     def loss_fn(batch: list[int]) -> tuple[dict[str, torch.Tensor], int]:
         loss, ids = mlm_batch_loss(model, [reports[i] for i in batch], tokenizer, cfg, generator, device)
         rows[ids.unique().numpy()] = True
+        drawn.update(batch)
         return {"loss": loss}, len(batch)
 
     result = train_local(batches, loss_fn, stepper, fed.local_steps, first_step=first,
                          where=f"MLM round {server_round}")
     if carried is not None:
         carried.save(server_round, stepper.state_dict())
-    return result, rows
+    return result, rows, len(drawn)
 
 
 @dataclass

@@ -177,6 +177,48 @@ def release_update(
     return released, dict(zip(RELEASE_FIELDS, spent))
 
 
+# -- release floors (not DP) ----------------------------------------------------------------
+# What a deployment site releases at least, whatever the run config asks, unless its
+# operator sets other floors (``medunic client start --min-pairs --min-df``). Without them a
+# coordinator could set ``train.batch_size=1 fed.local_steps=1`` and receive one report's
+# token-usage flags and one pair's alignment sums (not noised under update DP either), or
+# ``vocab.min_df=1`` and receive every word a site has.
+DEFAULT_MIN_PAIRS = 32
+DEFAULT_MIN_DF = 2
+
+
+def check_round_size(planned: int, available: int, min_pairs: int, site: str, what: str) -> None:
+    """Refuse, before any work, a round that cannot draw on ``min_pairs`` distinct pairs:
+    ``planned`` pairs (steps x batch) out of the site's ``available`` records."""
+    if min(planned, available) < min_pairs:
+        raise PrivacyBudgetError(
+            f"site '{site}' releases nothing drawn from fewer than {min_pairs} distinct pairs (node config "
+            f"min-pairs); {what} would draw on at most {min(planned, available)} ({planned} planned, "
+            f"{available} records)")
+
+
+def releasable_languages(drawn: Mapping[str, int], min_pairs: int, site: str, what: str) -> tuple[str, ...]:
+    """After the work, from the distinct pairs it drew per language: the languages whose
+    own alignment sums may leave (each drawn from at least ``min_pairs``). Refused when the
+    pairs of all languages together, or of every single language, fall short."""
+    total = sum(drawn.values())
+    check_round_size(total, total, min_pairs, site, what)
+    languages = tuple(sorted(lang for lang, n in drawn.items() if n >= min_pairs))
+    if not languages:
+        raise PrivacyBudgetError(
+            f"site '{site}' releases no language's alignment sums drawn from fewer than {min_pairs} distinct pairs "
+            f"(node config min-pairs); {what} drew {dict(sorted(drawn.items()))}")
+    return languages
+
+
+def check_min_df(run_min_df: int, site_min_df: int, site: str) -> None:
+    """Refuse a vocabulary stage that would release words rarer than the site allows."""
+    if run_min_df < site_min_df:
+        raise PrivacyBudgetError(
+            f"site '{site}' releases only words found in at least {site_min_df} of its reports (node config "
+            f"min-df); the run asks for vocab.min_df={run_min_df}")
+
+
 # -- DP-SGD (MLM, linear probe) ------------------------------------------------------------
 @dataclass
 class PrivateTraining:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -10,7 +12,9 @@ from client.records import arrays_record, record_arrays
 from medunic_core.federation.runconfig import load_run_config
 from medunic_core.federation.stages import VLP, stage_model
 from medunic_core.data.manifest import read_manifest
-from medunic_core.errors import CheckpointMismatchError, ConfigError, SiteDataError, VocabMismatchError
+from medunic_core.errors import (
+    CheckpointMismatchError, ConfigError, PrivacyBudgetError, SiteDataError, VocabMismatchError,
+)
 from medunic_core.exchange import TOKEN_EMBEDDINGS, model_arrays, wire_names
 from medunic_core.vocab import load_tokenizer, vocab_sha256
 
@@ -139,7 +143,8 @@ def test_site_privacy_budget_stops_releases(run_config, fed_tokenizer, synthetic
     from medunic_core.privacy import UPDATE_SENSITIVITY, rdp_epsilon
 
     node = {"site": "en-1", "lang": "en", "data-path": str(synthetic_data), "cache-dir": str(tmp_path / "cache"),
-            "state-dir": str(tmp_path / "state"), "tokenizer": str(fed_tokenizer), "dp-max-epsilon": 0.0}
+            "state-dir": str(tmp_path / "state"), "tokenizer": str(fed_tokenizer), "dp-max-epsilon": 0.0,
+            "min-pairs": 16}  # the tests' rounds: 2 steps x 8 pairs
     noise = 2.0
     one = rdp_epsilon([(noise / UPDATE_SENSITIVITY, 1.0, 1)], 1e-5)
     two = rdp_epsilon([(noise / UPDATE_SENSITIVITY, 1.0, 2)], 1e-5)
@@ -157,3 +162,74 @@ def test_site_privacy_budget_stops_releases(run_config, fed_tokenizer, synthetic
     assert dict(send(dp).content["privacy"])["epsilon"] == pytest.approx(one)
     with pytest.raises(Exception, match="over its budget dp-max-epsilon"):
         send(dp)
+
+
+def test_site_release_floors_refuse_a_coordinators_small_rounds(run_config, fed_tokenizer, synthetic_data, tmp_path):
+    """The attack: a coordinator asks a deployment site for rounds of one pair
+    (``train.batch_size=1 fed.local_steps=1``: one report's token flags, one pair's alignment
+    sums), a one-batch statistics pass, one-report MLM rounds, or every word (``vocab.min_df=1``).
+    The site refuses each before it trains and sends nothing (its audit log stays empty); a
+    run of the site's size goes through."""
+    from flwr.app import Context
+
+    from client.app import app as client_app
+    from client.site import resolve_site
+    from medunic_core.federation.stages import MLM
+    from medunic_core.privacy import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
+
+    node = {"site": "en-1", "lang": "en", "data-path": str(synthetic_data), "cache-dir": str(tmp_path / "cache"),
+            "state-dir": str(tmp_path / "state"), "tokenizer": str(fed_tokenizer)}
+    site = resolve_site(run_config(), node, load_run_config(run_config()))
+    assert (site.min_pairs, site.min_df) == (DEFAULT_MIN_PAIRS, DEFAULT_MIN_DF)  # floors without being asked
+    node["min-pairs"] = 12  # this site's operator: the tests' data has about 30 training pairs a site
+    tok = load_tokenizer(fed_tokenizer)
+    audit = tmp_path / "state" / "audit.jsonl"
+
+    def send(rc, message_type=MessageType.TRAIN, stage=VLP, **config):
+        model = stage_model(load_run_config(rc), tok, stage)
+        content = RecordDict({"arrays": arrays_record(model_arrays(model)),
+                              "config": ConfigRecord({"server-round": 1, "vocab-sha": vocab_sha256(tok), **config})})
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=rc)
+        return client_app(Message(content=content, message_type=message_type, dst_node_id=1), ctx)
+
+    attacks = [
+        (run_config("train.batch_size=1", "fed.local_steps=1"), MessageType.TRAIN, VLP, {},
+         "fewer than 12 distinct pairs .* round 1 would draw on at most 1 "),
+        (run_config(), "query.stats", VLP, {"batches": 1}, "the statistics pass of round 1 would draw on at most 8 "),
+        (run_config("mlm.batch_size=1", "fed.local_steps=1"), "train.mlm", MLM, {},
+         "MLM round 1 would draw on at most 1 "),
+        (run_config("vocab.min_df=1"), "query.vocab", VLP, {}, "at least 2 of its reports .* vocab.min_df=1"),
+    ]
+    for rc, message_type, stage, config, message in attacks:
+        with pytest.raises(PrivacyBudgetError, match=message):
+            send(rc, message_type, stage, **config)
+    assert not audit.exists()  # nothing was sent
+    reply = send(run_config())  # 2 steps x 8 pairs
+    assert list(record_arrays(reply.content["align"])) and len(audit.read_text().splitlines()) == 1
+
+
+def test_a_language_drawn_from_too_few_pairs_keeps_its_sums_at_the_site(run_config, fed_tokenizer, synthetic_data,
+                                                                        tmp_path):
+    """A site of en+es with 3 Spanish reports: its rounds and statistics send English sums
+    only (3 Spanish pairs are below its floor); its weights still learn from all of them."""
+    from flwr.app import Context
+
+    from client.app import app as client_app
+
+    rows = [json.loads(x) for x in synthetic_data.read_text().splitlines()]
+    es = [r for r in rows if r["site"] == "es-1" and r["split"] == "train"][:3]
+    mixed = [{**r, "site": "mix-1"} for r in rows if r["site"] == "en-1" or r in es]
+    manifest = synthetic_data.parent / "mix-1-few-es.jsonl"  # beside it: image paths stay valid
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    node = {"site": "mix-1", "lang": "en+es", "data-path": str(manifest), "cache-dir": str(tmp_path / "cache"),
+            "state-dir": str(tmp_path / "state"), "tokenizer": str(fed_tokenizer), "min-pairs": 8}
+    tok = load_tokenizer(fed_tokenizer)
+    rc = run_config()
+    model = stage_model(load_run_config(rc), tok, VLP)
+    content = RecordDict({"arrays": arrays_record(model_arrays(model)),
+                          "config": ConfigRecord({"server-round": 1, "vocab-sha": vocab_sha256(tok), "batches": 4})})
+    for message_type in (MessageType.TRAIN, "query.stats", "query.community"):
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=rc)
+        reply = client_app(Message(content=content, message_type=message_type, dst_node_id=1), ctx)
+        keys = list(record_arrays(reply.content["align"]))
+        assert keys and all(k.startswith("en/") for k in keys), message_type

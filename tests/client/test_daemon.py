@@ -4,6 +4,7 @@ its privacy ledger in the state folder, and the artefacts it checks by hash."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import tomllib
@@ -33,6 +34,8 @@ def test_init_writes_a_site_config_and_a_service_unit_that_start_reads(tmp_path,
                  "--out", str(config), "--systemd-unit", str(unit), "--user", "medunic"]) == 0
     settings = SiteSettings.load(config)
     assert settings.superlink == "coordinator.example.org:9092" and settings.dp_max_epsilon == 8.0
+    assert (settings.min_pairs, settings.min_df) == (32, 2)  # release floors without being asked
+    assert "min-pairs=32 min-df=2" in settings.node_config()
     assert settings.cache == str(tmp_path / "state" / "cache")  # caches live apart from nothing they must keep
     assert tomllib.loads(config.read_text())["site"] == "en-1"
     text = unit.read_text()
@@ -45,6 +48,12 @@ def test_init_writes_a_site_config_and_a_service_unit_that_start_reads(tmp_path,
     config.write_text(config.read_text() + 'colour = "blue"\n')
     with pytest.raises(ConfigError, match="unknown keys \\['colour'\\]"):
         SiteSettings.load(config)
+    for key, bad in (("min-pairs", "0"), ("min-df", '"2"'), ("min-pairs", "2.5")):
+        text = re.sub(rf"^{key} = .*$", f"{key} = {bad}", config.read_text().replace('colour = "blue"\n', ""),
+                      flags=re.M)
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ConfigError, match=f"{key} .*a whole number >= 1"):
+            SiteSettings.load(tmp_path / "bad.toml")
 
 
 def test_a_site_of_both_languages_has_one_spelling_and_no_other(tmp_path, synthetic_data, fed_tokenizer):

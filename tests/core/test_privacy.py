@@ -18,6 +18,9 @@ from medunic_core.errors import ConfigError
 from medunic_core.mlm import train_mlm
 from medunic_core.errors import PrivacyBudgetError
 from medunic_core.privacy import (
+    check_min_df,
+    check_round_size,
+    releasable_languages,
     DEFAULT_MAX_DELTA,
     ReleaseLedger,
     check_release,
@@ -152,3 +155,24 @@ def test_a_run_cannot_stretch_an_epsilon_only_budget_with_a_large_delta(tmp_path
         check_release(updates(0.9), 5, ledger, 1, "es-1", max_epsilon=2.0)
     assert check_release(updates(DEFAULT_MAX_DELTA), 5, ledger, 1, "es-1", max_epsilon=2.0) == 6.0
     assert check_release(updates(1e-3), 5, ledger, 1, "es-1", max_epsilon=2.0, max_delta=1e-3) == 6.0  # its own
+
+
+def test_release_floors_count_distinct_pairs_per_language():
+    """A site's floors (min-pairs): a round is refused when it cannot draw on enough distinct
+    pairs; a language's sums drawn from fewer stay at the site; nothing at all is released
+    when every language falls short, even if their total would pass."""
+    check_round_size(32, 280, 32, "en-1", "round 1")
+    with pytest.raises(PrivacyBudgetError, match="fewer than 32 distinct pairs .* at most 1 \\(1 planned, 280"):
+        check_round_size(1, 280, 32, "en-1", "round 1")  # train.batch_size=1 fed.local_steps=1
+    with pytest.raises(PrivacyBudgetError, match="at most 20 \\(64 planned, 20 records"):
+        check_round_size(64, 20, 32, "en-1", "round 1")  # fed.max_site_records cannot shrink it: the site's own data
+    assert releasable_languages({"en": 40, "es": 3}, 32, "mix-1", "round 2") == ("en",)
+    assert releasable_languages({"en": 40, "es": 33}, 32, "mix-1", "round 2") == ("en", "es")
+    with pytest.raises(PrivacyBudgetError, match="no language's alignment sums .* drew \\{'en': 20, 'es': 20\\}"):
+        releasable_languages({"en": 20, "es": 20}, 32, "mix-1", "round 2")
+    with pytest.raises(PrivacyBudgetError, match="at most 8"):
+        releasable_languages({"en": 8}, 32, "en-1", "round 2")
+    assert releasable_languages({"en": 1}, 0, "sim-1", "round 1") == ("en",)  # simulation: no floor
+    check_min_df(2, 2, "en-1")
+    with pytest.raises(PrivacyBudgetError, match="at least 5 of its reports .* vocab.min_df=2"):
+        check_min_df(2, 5, "en-1")

@@ -31,6 +31,9 @@ SITES = {"en-1": "en", "es-1": "es"}
 # NODE_UNAVAILABLE error) HEARTBEAT_PATIENCE (2) x 30 s after its last heartbeat: a round
 # in which a site dies lasts up to about a minute longer than its training.
 SITE_WAIT = 120  # s: a restarted site daemon (data check + SuperNode start) is back well within it
+# The sites' release floor: the tests' rounds are 2 steps of 8 pairs from about 30 records a
+# site, so a round that crosses an epoch may repeat pairs; one batch is always 8 distinct.
+MIN_PAIRS = 8
 ROUND_TIMEOUT = 300  # s: a round's training + the minute until a dead site is declared offline, on 2 busy cores
 
 
@@ -207,7 +210,8 @@ class Loopback:
         name = key or site
         settings = SiteSettings(site, SITES[site], str(self.data), f"127.0.0.1:{self.port}", str(self.tokenizer),
                                 ca=str(self.certs / "ca.crt"), key=str(self.keys / name),
-                                state=str(self.site_state(name)), cache=str(self.tmp / f"cache-{name}"), port=port)
+                                state=str(self.site_state(name)), cache=str(self.tmp / f"cache-{name}"), port=port,
+                                min_pairs=MIN_PAIRS)
         proc = start_site(settings, log=str(self.site_log(name)))
         self.started.append(proc)
         if key is None:

@@ -58,7 +58,8 @@ def test_the_operators_guide_end_to_end(tmp_path, synthetic_data, fed_tokenizer,
             out = _medunic("client", "init", "--site", site, "--language", lang, "--data", str(synthetic_data),
                            "--superlink", f"localhost:{port}", "--tokenizer", str(fed_tokenizer), "--ca",
                            "certs/ca.crt", "--key", f"{site}/keys/{site}", "--state", f"{site}/state", "--port",
-                           str(free_port()), "--out", f"{site}/site.toml", "--systemd-unit",
+                           str(free_port()), "--min-pairs", "8",  # the test's rounds: 2 x 8 pairs
+                           "--out", f"{site}/site.toml", "--systemd-unit",
                            f"{site}/medunic-site.service", cwd=tmp_path)
             assert out.returncode == 0, out.stderr
             with (tmp_path / f"{site}.out").open("w") as log:
