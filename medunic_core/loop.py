@@ -23,6 +23,11 @@ from medunic_core.optim import Stepper
 
 LossFn = Callable[[Any], tuple[dict[str, torch.Tensor], int]]
 
+# Steps a fresh model's first kernels and allocations take: left out of ``steady_pairs_per_s``
+# (as benchmarks/train_throughput.py leaves them out of its timing), so that a round's figure
+# splits into a per-round start-up cost and the loop's own speed.
+WARMUP_STEPS = 3
+
 
 @dataclass
 class StepRecord:
@@ -40,7 +45,8 @@ class StepRecord:
 class LocalResult:
     """What :func:`train_local` did: steps, examples, the mean of each loss part over all
     batches plus the last step's ``lr``, the loop's wall time (``seconds``, data included)
-    and ``pairs_per_s``, and one :class:`StepRecord` per step."""
+    and ``pairs_per_s``, ``steady_pairs_per_s`` after the first :data:`WARMUP_STEPS` steps
+    (when there are more), and one :class:`StepRecord` per step."""
 
     steps: int
     num_examples: int
@@ -64,7 +70,8 @@ def train_local(
     seen = group_seen = micro = done = 0
     lr = stepper.lr
     bar = tqdm(total=steps, desc=where, disable=not progress)
-    start = time.perf_counter()
+    start = warm = time.perf_counter()
+    warm_seen = 0
     for batch in batches if steps > 0 else ():
         parts, n = loss_fn(batch)
         check_finite_loss(parts, f"{where}: step {first_step + done + 1}")
@@ -83,10 +90,15 @@ def train_local(
         record = StepRecord(first_step + done, group, lr, norm, group_seen)
         history.append(record)
         group, group_seen = {}, 0
+        if done == WARMUP_STEPS:
+            warm, warm_seen = time.perf_counter(), seen
         if (on_step is not None and on_step(record)) or done >= steps:
             break  # right after the step: a stream's position is then the next batch to train on
     bar.close()
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
     metrics = {k: v / max(micro, 1) for k, v in totals.items()}
     metrics.update(lr=lr, seconds=seconds, pairs_per_s=seen / max(seconds, 1e-9))
+    if done > WARMUP_STEPS:
+        metrics["steady_pairs_per_s"] = (seen - warm_seen) / max(end - warm, 1e-9)
     return LocalResult(done, seen, metrics, history)

@@ -56,7 +56,7 @@ def test_train_reply_carries_only_what_may_travel(setup, synthetic_data):
     assert metrics["num-examples"] == 2 * cfg.train.batch_size
     assert set(metrics) - {"num-examples"} <= {f"train_{k}" for k in  # round means of the losses, and timing
                                                ("loss", "cvl_loss", "ssv_loss", "tf_loss", "tt_loss", "ctr_loss", "lr",
-                                                "seconds", "pairs_per_s")}
+                                                "seconds", "pairs_per_s", "steady_pairs_per_s")}
     align = record_arrays(reply.content["align"])
     assert align and all(k.startswith("es/") for k in align)  # only its own community's sums
     assert all(v.dtype == np.float32 and v.ndim <= 2 for v in align.values())  # sums, not per-sample rows

@@ -9,6 +9,7 @@ import pytest
 
 from medunic_core.config import load_config
 from medunic_core.data.dataset import EpochSampler
+from medunic_core.errors import ConfigError
 from medunic_core.optim import cosine_with_warmup
 from medunic_core.train import train
 
@@ -31,6 +32,9 @@ def test_resume_after_checkpoint_continues_with_same_next_loss(synthetic_data, t
     full = train(load_config("tiny", train_overrides(synthetic_data, tmp_path / "a", *overrides)), progress=False)
     cfg = load_config("tiny", train_overrides(synthetic_data, tmp_path / "b", *overrides))
     first = train(cfg, progress=False, stop_at_step=4)
+    other = load_config("tiny", train_overrides(synthetic_data, tmp_path / "b", *overrides, "train.lr=1e-3"))
+    with pytest.raises(ConfigError, match=r"checkpoint.pt was written by a run of other settings \(train.lr "):
+        train(other, progress=False)  # a checkpoint continues the run that wrote it, not another
     rest = train(cfg, progress=False)
     losses = [r["loss"] for r in full.history]
     resumed = [r["loss"] for r in first.history + rest.history]
@@ -59,3 +63,28 @@ def test_schedule_warms_up_then_decays_to_floor():
     f = cosine_with_warmup(warmup=10, total=110, min_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_the_loop_times_its_steady_state_apart_from_its_first_steps():
+    """``steady_pairs_per_s`` leaves out the first WARMUP_STEPS steps: a slow first step
+    (a fresh model's kernels and allocations) lowers ``pairs_per_s`` only."""
+    import time
+
+    import torch
+
+    from medunic_core.loop import WARMUP_STEPS, train_local
+    from medunic_core.optim import Stepper
+
+    model = torch.nn.Linear(4, 1)
+    stepper = Stepper(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda s: 1.0, grad_clip=None)
+
+    def loss_fn(batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        time.sleep(0.3 if loss_fn.calls == 0 else 0.01)
+        loss_fn.calls += 1
+        return {"loss": model(batch).pow(2).mean()}, len(batch)
+
+    loss_fn.calls = 0
+    batches = [torch.randn(8, 4) for _ in range(WARMUP_STEPS + 5)]
+    result = train_local(batches, loss_fn, stepper, len(batches))
+    assert result.metrics["steady_pairs_per_s"] > 3 * result.metrics["pairs_per_s"]
+    assert "steady_pairs_per_s" not in train_local(batches, loss_fn, stepper, WARMUP_STEPS).metrics
