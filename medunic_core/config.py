@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -432,3 +432,33 @@ def save_config(cfg: MedUniCConfig, path: str | Path) -> None:
 def to_dict(cfg: MedUniCConfig) -> dict[str, Any]:
     """Plain nested dict (for JSON, wandb and Flower run configs)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# What a resumed run may set differently from the run that wrote its checkpoint: where it
+# writes, logs and caches, how long it waits, what it evaluates. Anything else (data, model,
+# schedule, rounds, steps, seeds, privacy) would continue one run under another's settings.
+RESUME_MAY_CHANGE = ("train.resume", "train.out_dir", "train.log_every", "train.ckpt_every", "train.device",
+                     "fed.resume", "fed.out_dir", "fed.round_timeout", "fed.site_wait", "fed.min_sites",
+                     "fed.eval_every", "fed.max_site_records", "data.cache_dir", "data.num_workers", "eval.",
+                     "logging.")
+
+
+def check_resumable(saved: Mapping[str, Any], cfg: MedUniCConfig, checkpoint: str | Path, flag: str) -> None:
+    """Refuse to continue, from ``checkpoint`` (written with the config ``saved``), a run of
+    other settings (a key only one side has, of another schema version, is not compared)."""
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+        return out
+
+    before, now = flat(saved), flat(to_dict(cfg))
+    changed = sorted(k for k in before.keys() & now.keys()
+                     if before[k] != now[k] and not any(k == m or (m.endswith(".") and k.startswith(m))
+                                                        for m in RESUME_MAY_CHANGE))
+    if changed:
+        shown = "; ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed[:6])
+        raise ConfigError(f"{checkpoint} was written by a run of other settings ({shown}"
+                          f"{f'; {len(changed) - 6} more' if len(changed) > 6 else ''}): give this run its own "
+                          f"out_dir, or {flag}=false to start it over there")

@@ -30,7 +30,7 @@ from medunic_core.checkpoint import (
     set_rng_state,
 )
 from medunic_core.cli import add_config_args
-from medunic_core.config import MedUniCConfig, load_config, save_config, to_dict
+from medunic_core.config import MedUniCConfig, check_resumable, load_config, save_config, to_dict
 from medunic_core.constants import CHECKPOINT_FILE, DATA_PROBLEMS_FILE, METRICS_FILE
 from medunic_core.data.dataset import pair_stream, prepare_images
 from medunic_core.data.manifest import Record, read_manifest
@@ -186,6 +186,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
     resuming = cfg.train.resume and ckpt_path.is_file()
     if resuming:
         state = load_checkpoint(ckpt_path)
+        check_resumable(state.get("config") or {}, cfg, ckpt_path, "train.resume")
         load_state_dict_strict(model, state["model"], source=str(ckpt_path))
         stepper.load_state_dict(state)
         set_rng_state(state["rng"])
@@ -227,7 +228,7 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
         stopping = stop_at_step is not None and record.step >= stop_at_step
         if world.is_main and (record.step % cfg.train.ckpt_every == 0 or record.step == total_steps
                               or stream.epoch_ended or stopping):
-            _save(ckpt_path, model, stepper, record.step, stream.epoch, stream.batch)
+            _save(ckpt_path, model, stepper, record.step, stream.epoch, stream.batch, cfg)
         return stopping
 
     result = train_local(stream, loss_fn, stepper, total_steps - step, first_step=step, on_step=on_step,
@@ -250,7 +251,8 @@ def vlp_stepper(model: torch.nn.Module, cfg: MedUniCConfig, total_steps: int, de
                    first_step, amp=tr.amp and device.type == "cuda")
 
 
-def _save(path: Path, model: MedUniC, stepper: Stepper, step: int, epoch: int, batch_in_epoch: int) -> None:
+def _save(path: Path, model: MedUniC, stepper: Stepper, step: int, epoch: int, batch_in_epoch: int,
+          cfg: MedUniCConfig) -> None:
     check_finite(model.state_dict(), f"{path} at step {step}")
     atomic_save(
         {
@@ -260,6 +262,7 @@ def _save(path: Path, model: MedUniC, stepper: Stepper, step: int, epoch: int, b
             "step": step,
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
+            "config": to_dict(cfg),  # a resume continues this run only (check_resumable)
         },
         path,
     )

@@ -26,7 +26,7 @@ from torch import nn
 
 from medunic_core.align import AlignmentState
 from medunic_core.checkpoint import atomic_save, check_finite, load_checkpoint
-from medunic_core.config import MedUniCConfig, save_config, to_dict
+from medunic_core.config import MedUniCConfig, check_resumable, save_config, to_dict
 from medunic_core.errors import ConfigError
 from medunic_core.exchange import arrays_sha256, load_arrays, model_arrays
 from medunic_core.federation import payload as P
@@ -116,6 +116,7 @@ def _save(stage: WeightStage, path: Path, rnd: int, arrays: dict[str, np.ndarray
 def _restore(stage: WeightStage, path: Path) -> tuple[dict[str, np.ndarray], int, str, dict[str, Any]]:
     """(weights, first round to run, run key, what was loaded) from a server checkpoint."""
     state = load_checkpoint(path)
+    check_resumable(state.get("config") or {}, stage.cfg, path, "fed.resume")
     if state.get("vocab_sha") != stage.vocab_sha:
         raise ConfigError(f"{path} was written with vocabulary {state.get('vocab_sha')}, this run has {stage.vocab_sha}")
     load_arrays(stage.model, state["arrays"])  # refuses a checkpoint of another architecture

@@ -12,7 +12,7 @@ from flwr.app import Error, Message
 
 from client.app import LOCAL_BN
 from client.records import record_arrays
-from medunic_core.errors import FederationError
+from medunic_core.errors import ConfigError, FederationError
 from medunic_core.evaluation.run import community_stats_of_run, load_run
 from medunic_core.exchange import arrays_sha256
 from server.rounds import ROUNDS_FILE, SERVER_CHECKPOINT
@@ -88,6 +88,10 @@ def test_coordinator_restart_resumes_with_the_same_weights(run_config, tmp_path)
     assert saved["round"] == 1
     with (tmp_path / "crashed" / ROUNDS_FILE).open("a") as f:  # as if it died after round 2's row, before its save
         f.write(json.dumps({"round": 2, "stale": True}) + "\n")
+    other = run_config(f"fed.out_dir={tmp_path / 'crashed'}", "align.train_norm=mixed", "fed.strategy=fedadam",
+                       "fed.rounds=3", "fed.round_timeout=60")
+    with pytest.raises(ConfigError, match=r"written by a run of other settings \(fed.rounds 2 -> 3\): .*fed.resume=false"):
+        FederatedRun(other).run(InProcessGrid(other))  # a checkpoint continues the run that wrote it only
     resumed_grid = InProcessGrid(crashed)
     FederatedRun(crashed).run(resumed_grid)
     assert [m.content["config"]["server-round"] for m in resumed_grid.sent
