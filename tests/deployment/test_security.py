@@ -1,12 +1,14 @@
 """The attacks of an outsider who holds everything public (ca.crt, the code, the port) against
 a loopback deployment made as docs/deployment.md says, and a foreign app that reaches the
-sites anyway (as through a compromised coordinator). Each attack must fail with the
-expected message, the foreign app must never execute anywhere, and a legitimate run must
-still complete its rounds."""
+sites anyway (as through a compromised coordinator), and a curious coordinator's run of
+one-pair rounds. Each attack must fail with the expected message, the foreign app must
+never execute anywhere, no site may send anything to the curious run, and a legitimate run
+must still complete its rounds."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import socket
 import ssl
@@ -23,7 +25,7 @@ from server.coordinator import CONNECTION, run_status, write_connection
 from server.registry import REGISTRY_FILE, SiteRegistry
 from server.superlink import REFUSAL, TOO_LARGE
 
-from tests.deployment.loopback import SITES, free_port, loopback_federation, wait_until
+from tests.deployment.loopback import MIN_PAIRS, SITES, free_port, loopback_federation, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -164,10 +166,24 @@ def test_a_site_runs_only_the_app_it_allows(tmp_path, monkeypatch, synthetic_dat
             assert f"--allow-app {refusals[0]}" in log and installed_app_hash()[:12] in log
             assert not list(lb.site_home(site).glob("apps/outsider*"))  # never installed at the site
             assert lb.sites[site].poll() is None  # the daemon keeps running
-        # the medunic app still runs: a legitimate run completes, once the foreign one has ended
         foreign = re.search(r"Successfully started run (\d+)", started).group(1)
         home = subprocess_env(FLWR_HOME=str(tmp_path / "flwr-home"))
         wait_until(lambda: run_status(CONNECTION, foreign, home)[0].startswith("finished"), 120, "the foreign run ending")
-        assert lb.run("fed.rounds=2", "fed.local_steps=2") == 0, (tmp_path / f"run-{lb.runs}.log").read_text()
-        assert [r["round"] for r in lb.rows()] == [1, 2]
+        # a curious coordinator shrinks a round to one pair (one report's token flags, one
+        # pair's alignment sums): every site refuses before it trains, and sends nothing
+        lb.run("fed.rounds=1", "fed.local_steps=1", "train.batch_size=1")
+        assert [(r["sites"], sorted(r["failed_sites"])) for r in lb.rows()] == [([], sorted(SITES))]
+        refusal = f"releases nothing drawn from fewer than {MIN_PAIRS} distinct pairs"
+        assert (tmp_path / f"run-{lb.runs}.log").read_text(errors="replace").count(refusal) >= 1
+        for site in SITES:
+            assert refusal in lb.site_log(site).read_text(errors="replace")
+            audit = lb.site_state(site) / "audit.jsonl"  # the site's log of what it sent: evaluation and
+            sent = [json.loads(x)["message_type"] for x in audit.read_text().splitlines()]  # statistics of all
+            assert sent and not [t for t in sent if t.startswith("train")], sent  # its records, no round
+            assert lb.sites[site].poll() is None
+        # the medunic app still runs: a legitimate run completes (started over in the same folder:
+        # a checkpoint continues only the run that wrote it)
+        rc = lb.run("fed.rounds=1", "fed.local_steps=2", "fed.resume=false")
+        assert rc == 0, (tmp_path / f"run-{lb.runs}.log").read_text()
+        assert [r["round"] for r in lb.rows()] == [1]
         assert all(sorted(r["sites"]) == ["en-1", "es-1"] for r in lb.rows())
