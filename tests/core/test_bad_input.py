@@ -56,17 +56,25 @@ def test_an_unparseable_config_file_is_named(capsys, tmp_path, synthetic_data, t
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(capsys, tmp_path, synthetic_data,
                                                                           train_overrides):
+    import torch
+
+    from medunic_core.config import load_config
+    from medunic_core.train import train
+
     run = tmp_path / "run"
-    assert main(["train", "--no-progress", *train_overrides(synthetic_data, run, "train.ckpt_every=2")]) == 0
-    good = (run / CHECKPOINT_FILE).read_bytes()
+    overrides = train_overrides(synthetic_data, run, "train.max_steps=12", "train.ckpt_every=2")
+    train(load_config("tiny", overrides), progress=False, stop_at_step=6)  # stopped (preempted) after step 6
+    # weights scaled by 1e30 (finite, and kept as they are): the resumed run overflows at its first step
+    state = torch.load(run / CHECKPOINT_FILE, weights_only=False)
+    state["model"] = {k: v * 1e30 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, run / CHECKPOINT_FILE)
+    kept = (run / CHECKPOINT_FILE).read_bytes()
     capsys.readouterr()
-    # resume with a temperature that makes the contrastive logits overflow: NaN at the first step
-    rc = main(["train", "--no-progress", *train_overrides(synthetic_data, run, "train.max_steps=12",
-                                                          "loss.temperature=1e-45")])
+    rc = main(["train", "--no-progress", *overrides])
     assert rc == 8
     line = _one_line_error(capsys, "train")
     assert "step 7" in line and "not finite" in line and "nothing was saved" in line
-    assert (run / CHECKPOINT_FILE).read_bytes() == good  # never replaced by non-finite weights
+    assert (run / CHECKPOINT_FILE).read_bytes() == kept  # never replaced by non-finite weights
     fresh = tmp_path / "fresh"
     assert main(["train", "--no-progress", *train_overrides(synthetic_data, fresh, "loss.temperature=1e-45")]) == 8
     assert not (fresh / CHECKPOINT_FILE).exists()
