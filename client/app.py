@@ -18,8 +18,9 @@ weights, calls medunic_core and replies with what may leave a site (medunic_core
   in at least ``vocab.min_df`` of the site's reports (rarer words never leave the site).
 
 A deployment site also holds its release floors (client.site, medunic_core.privacy): it
-sends nothing drawn from fewer than ``min-pairs`` distinct pairs (a round too small is
-refused before training; a language's alignment sums drawn from fewer stay at the site) and
+sends nothing drawn from fewer than ``min-pairs`` distinct pairs (a round, statistics pass
+or evaluation too small is refused before it starts; a language's alignment sums drawn
+from fewer stay at the site) and
 no word found in fewer than ``min-df`` of its reports, whatever the run config asks.
 """
 
@@ -207,6 +208,8 @@ def community(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     s = _Setup(msg, context)
     test = site_records(s.cfg, s.site.name, s.site.lang, s.cfg.eval.split, s.site.manifest)
+    check_round_size(len(test), len(test), s.site.min_pairs, s.site.name,
+                     f"the evaluation on its '{s.cfg.eval.split}' split")
     test, _ = prepare_images(test, s.cache, 1.0, progress=False)
     community, train_records = None, ()
     if P.ALIGN in msg.content.array_records:

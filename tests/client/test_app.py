@@ -167,7 +167,8 @@ def test_site_privacy_budget_stops_releases(run_config, fed_tokenizer, synthetic
 def test_site_release_floors_refuse_a_coordinators_small_rounds(run_config, fed_tokenizer, synthetic_data, tmp_path):
     """The attack: a coordinator asks a deployment site for rounds of one pair
     (``train.batch_size=1 fed.local_steps=1``: one report's token flags, one pair's alignment
-    sums), a one-batch statistics pass, one-report MLM rounds, or every word (``vocab.min_df=1``).
+    sums), a one-batch statistics pass, one-report MLM rounds, every word (``vocab.min_df=1``),
+    or an evaluation on a split of a few reports.
     The site refuses each before it trains and sends nothing (its audit log stays empty); a
     run of the site's size goes through."""
     from flwr.app import Context
@@ -199,6 +200,8 @@ def test_site_release_floors_refuse_a_coordinators_small_rounds(run_config, fed_
         (run_config("mlm.batch_size=1", "fed.local_steps=1"), "train.mlm", MLM, {},
          "MLM round 1 would draw on at most 1 "),
         (run_config("vocab.min_df=1"), "query.vocab", VLP, {}, "at least 2 of its reports .* vocab.min_df=1"),
+        (run_config("eval.split=val"), MessageType.EVALUATE, VLP, {}, "the evaluation on its 'val' split would draw "
+         "on at most 4 "),
     ]
     for rc, message_type, stage, config, message in attacks:
         with pytest.raises(PrivacyBudgetError, match=message):
