@@ -33,7 +33,7 @@ from client.supernode import check_sha256, installed_app_hash
 from medunic_core.cli import subprocess_env
 from medunic_core.data.language import site_language, site_language_arg
 from medunic_core.errors import ConfigError, SiteDataError
-from medunic_core.privacy import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
+from medunic_core.constants import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 from medunic_core.service import ServiceSettings, systemd_unit, write_files
 
 

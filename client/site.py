@@ -30,7 +30,7 @@ from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError, PrivacyBudgetError
 from medunic_core.export import folder_sha256
 from medunic_core.federation.runconfig import parse_sites, run_overrides, stage_overrides
-from medunic_core.privacy import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
+from medunic_core.constants import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 from medunic_core.vocab import load_tokenizer
 
 

@@ -434,6 +434,14 @@ def to_dict(cfg: MedUniCConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def flatten(d: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one level: ``{"fed": {"rounds": 3}}`` -> ``{"fed.rounds": 3}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, sep, f"{prefix}{k}{sep}") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
 # What a resumed run may set differently from the run that wrote its checkpoint: where it
 # writes, logs and caches, how long it waits, what it evaluates. Anything else (data, model,
 # schedule, rounds, steps, seeds, privacy) would continue one run under another's settings.
@@ -447,13 +455,7 @@ def check_resumable(saved: Mapping[str, Any], cfg: MedUniCConfig, checkpoint: st
     """Refuse to continue, from ``checkpoint`` (written with the config ``saved``), a run of
     other settings (a key only one side has, of another schema version, is not compared)."""
 
-    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-        return out
-
-    before, now = flat(saved), flat(to_dict(cfg))
+    before, now = flatten(saved), flatten(to_dict(cfg))
     changed = sorted(k for k in before.keys() & now.keys()
                      if before[k] != now[k] and not any(k == m or (m.endswith(".") and k.startswith(m))
                                                         for m in RESUME_MAY_CHANGE))

@@ -1,4 +1,5 @@
-"""Names shared by writers and readers of files, so that they cannot drift apart."""
+"""Names shared by writers and readers of files, and defaults shared by the site daemon and
+the core, so that they cannot drift apart."""
 
 from __future__ import annotations
 
@@ -27,3 +28,8 @@ VOCAB_SHA_FILE = "vocab.sha256"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 DATA_PROBLEMS_FILE = "data_problems.json"  # a training run's unreadable images, by row, id and file
+
+# A deployment site's release floors (medunic_core.privacy): here, so that the site daemon's
+# commands read them without importing Opacus.
+DEFAULT_MIN_PAIRS = 32
+DEFAULT_MIN_DF = 2

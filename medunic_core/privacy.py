@@ -182,9 +182,7 @@ def release_update(
 # operator sets other floors (``medunic client start --min-pairs --min-df``). Without them a
 # coordinator could set ``train.batch_size=1 fed.local_steps=1`` and receive one report's
 # token-usage flags and one pair's alignment sums (not noised under update DP either), or
-# ``vocab.min_df=1`` and receive every word a site has.
-DEFAULT_MIN_PAIRS = 32
-DEFAULT_MIN_DF = 2
+# ``vocab.min_df=1`` and receive every word a site has. Defaults: medunic_core.constants.
 
 
 def check_round_size(planned: int, available: int, min_pairs: int, site: str, what: str) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from medunic_core.align import AlignmentState
 from medunic_core.checkpoint import atomic_save, check_finite, load_checkpoint
-from medunic_core.config import MedUniCConfig, check_resumable, save_config, to_dict
+from medunic_core.config import MedUniCConfig, check_resumable, flatten, save_config, to_dict
 from medunic_core.errors import ConfigError
 from medunic_core.exchange import arrays_sha256, load_arrays, model_arrays
 from medunic_core.federation import payload as P
@@ -99,7 +99,7 @@ def run_rounds(stage: WeightStage, grid: Grid) -> Path:
             f.write(json.dumps(row) + "\n")
         _save(stage, ckpt, rnd, arrays, run_key)
         if wandb_run:
-            wandb_run.log(_flatten(row), step=rnd)
+            wandb_run.log(_numbers(row), step=rnd)
         log.info("round %d done in %.1f s: %s", rnd, row["seconds"], json.dumps(row.get("central", {}))[:300])
     if wandb_run:
         wandb_run.finish()
@@ -143,12 +143,6 @@ def _drop_rows_from(path: Path, start: int) -> None:
     path.write_text("".join(kept))
 
 
-def _flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in row.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = float(v)
-    return out
+def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
+    """A round's row as wandb takes it: its numbers, nested keys joined by '/'."""
+    return {k: float(v) for k, v in flatten(row, "/").items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -176,7 +176,7 @@ def test_site_release_floors_refuse_a_coordinators_small_rounds(run_config, fed_
     from client.app import app as client_app
     from client.site import resolve_site
     from medunic_core.federation.stages import MLM
-    from medunic_core.privacy import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
+    from medunic_core.constants import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 
     node = {"site": "en-1", "lang": "en", "data-path": str(synthetic_data), "cache-dir": str(tmp_path / "cache"),
             "state-dir": str(tmp_path / "state"), "tokenizer": str(fed_tokenizer)}
