@@ -4,7 +4,7 @@ Deployment: the SuperNode's node config names the site (``site``, ``lang``,
 ``data-path`` to its manifest, optional ``cache-dir`` and ``tokenizer``) and may set the
 site's privacy budget (``dp-max-epsilon``, ``dp-max-delta``: the site then trains only
 in runs with update-level DP and stops releasing updates before the budget is spent) and its
-release floors (``min-pairs``, ``min-df``; medunic_core.privacy's defaults when absent).
+release floors (``min-pairs``, ``min-df``; medunic_core.constants' defaults when absent).
 Simulation (no floors: the researcher's own public data): the
 node config only holds ``partition-id``; the run config's ``sites`` list
 (``"en-1:en,es-1:es"``) maps partitions to sites of the shared manifest, and the run's
@@ -25,12 +25,12 @@ from typing import Any, Mapping, Optional
 import torch
 
 from medunic_core.config import MedUniCConfig, load_config
+from medunic_core.constants import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 from medunic_core.data.language import site_language
 from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError, PrivacyBudgetError
 from medunic_core.export import folder_sha256
 from medunic_core.federation.runconfig import parse_sites, run_overrides, stage_overrides
-from medunic_core.constants import DEFAULT_MIN_DF, DEFAULT_MIN_PAIRS
 from medunic_core.vocab import load_tokenizer
 
 
@@ -156,7 +156,7 @@ def _budget(node_config: Mapping[str, Any], key: str) -> Optional[float]:
 
 def _floor(node_config: Mapping[str, Any], key: str, default: int) -> int:
     value = node_config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or value < 1:
         raise ConfigError(f"node config {key}={value!r}: a whole number >= 1")
     return int(value)
 
