@@ -190,8 +190,11 @@ class FedConfig:
     site_optimizer: str = "keep"  # keep: a site's AdamW moments carry over the rounds of a run; reset: fresh each round
     strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam
     proximal_mu: float = 0.01  # FedProx
-    server_lr: float = 0.01  # FedAdam eta
-    server_momentum: float = 0.9  # FedAvgM (server learning rate 1)
+    # The server's step on the sites' mean update: FedAdam's eta (default 0.01) or FedAvgM's
+    # learning rate (default 1, FedAvg's step; the number of sites approximates taking their
+    # local steps one after another). None: the strategy's default.
+    server_lr: Optional[float] = None
+    server_momentum: float = 0.9  # FedAvgM
     bn: str = "average"  # BatchNorm policy: "average" (FedAvg) or "local" (FedBN: never averaged)
     wire_dtype: str = "float32"  # float32 | float16 for the weights on the wire
     reject_factor: float = 10.0  # an update whose norm exceeds factor x median is rejected
@@ -284,9 +287,10 @@ POSITIVE = (
 NON_NEGATIVE = (
     "loss.cvl_weight", "loss.ssv_weight", "loss.ctr_weight", "loss.ctr_lambda", "vocab.max_new_tokens",
     "data.num_workers", "train.weight_decay", "train.warmup_steps", "mlm.steps", "mlm.weight_decay",
-    "mlm.warmup_steps", "fed.proximal_mu", "fed.server_lr", "fed.expected_sites", "fed.min_sites",
+    "mlm.warmup_steps", "fed.proximal_mu", "fed.expected_sites", "fed.min_sites",
     "model.text.freeze_layers",
 )
+OPTIONAL_POSITIVE = ("fed.server_lr",)  # None: a default chosen elsewhere
 FRACTIONS = ("train.min_lr_ratio", "data.max_bad_fraction", "mlm.mask_prob", "model.text.dropout",
              "synth.dicom_fraction", "synth.test_fraction", "synth.val_fraction", "fed.server_momentum")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -302,10 +306,11 @@ def _check_choices(cfg: DictConfig) -> None:
 def _check_ranges(cfg: DictConfig) -> None:
     """Sizes, rates and counts in range; known languages; a device torch can name."""
     for keys, ok, what in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                           (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]")):
+                           (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           (OPTIONAL_POSITIVE, lambda v: v > 0, "> 0 (or null: the default)")):
         for key in keys:
             value = OmegaConf.select(cfg, key)
-            if value is None or not ok(value):
+            if (value is None and keys is not OPTIONAL_POSITIVE) or (value is not None and not ok(value)):
                 raise ConfigError(f"bad value for '{key}': {value}; it must be {what}")
     langs = list(cfg.data.langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]

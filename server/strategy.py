@@ -51,6 +51,7 @@ from server.registry import SiteIdentities
 
 log = logging.getLogger("flwr.medunic")  # Flower's handlers: streamed by `flwr run --stream`
 
+FEDADAM_LR = 0.01  # FedAdam's server step (eta) when fed.server_lr is not set
 STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's: checkpointed with the round
 
 
@@ -195,7 +196,8 @@ class MedUniCFedAvg(MedUniCAggregation, FedAvg):
 
 
 class MedUniCFedAvgM(MedUniCAggregation, FedAvgM):
-    """FedAvg's mean as a pseudo-gradient for server SGD with momentum (``fed.server_momentum``)."""
+    """FedAvg's mean as a pseudo-gradient for server SGD (``fed.server_lr``, default 1) with
+    momentum (``fed.server_momentum``)."""
 
     server_optimizer = True
 
@@ -239,8 +241,10 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = Messag
     )
     if cfg.fed.strategy == "fedprox":
         return MedUniCFedProx(proximal_mu=cfg.fed.proximal_mu, **common)
+    server_lr = cfg.fed.server_lr
     if cfg.fed.strategy == "fedadam":
-        return MedUniCFedAdam(eta=cfg.fed.server_lr, eta_l=cfg.train.lr, **common)
+        return MedUniCFedAdam(eta=FEDADAM_LR if server_lr is None else server_lr, eta_l=cfg.train.lr, **common)
     if cfg.fed.strategy == "fedavgm":
-        return MedUniCFedAvgM(server_learning_rate=1.0, server_momentum=cfg.fed.server_momentum, **common)
+        return MedUniCFedAvgM(server_learning_rate=1.0 if server_lr is None else server_lr,
+                              server_momentum=cfg.fed.server_momentum, **common)
     return MedUniCFedAvg(**common)

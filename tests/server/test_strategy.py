@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from medunic_core.align import AlignmentState
 from medunic_core.config import load_config
+from medunic_core.errors import ConfigError
 from medunic_core.exchange import TOKEN_EMBEDDINGS
 from medunic_core.federation.replies import InvalidReply
 from server.messages import arrays_record, record_arrays
@@ -129,6 +130,13 @@ def test_strategy_choice():
     assert type(make_strategy(load_config("tiny", ["fed.strategy=fedprox"]), 2)).__name__ == "MedUniCFedProx"
     adam = make_strategy(load_config("tiny", ["fed.strategy=fedadam", "fed.server_lr=0.05"]), 2)
     assert type(adam).__name__ == "MedUniCFedAdam" and adam.eta == 0.05
+    assert make_strategy(load_config("tiny", ["fed.strategy=fedadam"]), 2).eta == 0.01
+    avgm = make_strategy(load_config("tiny", ["fed.strategy=fedavgm"]), 2)
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (1.0, 0.9)
+    avgm = make_strategy(load_config("tiny", ["fed.strategy=fedavgm", "fed.server_lr=2", "fed.server_momentum=0"]), 2)
+    assert (avgm.server_learning_rate, avgm.server_momentum) == (2.0, 0.0)
+    with pytest.raises(ConfigError, match="fed.server_lr"):
+        load_config("tiny", ["fed.server_lr=0"])
 
 
 def test_failed_replies_are_counted_not_averaged(strategy_and_requests):
