@@ -17,6 +17,10 @@ from one uvicorn server on two listeners:
   saying why, and logged. A request body larger than ``MAX_BODY`` is answered ``413``
   before the app sees it: Flower reads a whole body before it checks the node's signature,
   so without a cap anyone with the CA certificate could make the SuperLink buffer gigabytes.
+  For the same reason the bodies in flight are bounded together (``MAX_HELD``, and
+  ``MAX_HELD_PER_ADDRESS`` for one client address; a request beyond either is answered
+  ``503``, which a SuperNode retries) and in time (``BODY_DEADLINE``, then ``408``): many
+  slow connections cannot pile up more than that, nor hold it for ever.
 
 The listener a request came in on is the local port of its connection (ASGI
 ``scope["server"]``), which a caller cannot choose. Pinned to flwr 1.42.0: the wrapper
@@ -29,12 +33,14 @@ Run as ``python -m server.superlink --public HOST:PORT <flower-superlink argumen
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import ipaddress
 import json
 import logging
 import socket
 import sys
+from collections import Counter
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
 import flwr
@@ -46,7 +52,17 @@ REFUSAL = ("medunic coordinator: this port serves only the Fleet API (site daemo
 # of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), one object per push-object request;
 # the other Fleet messages are small. Four chunks' worth leaves room for protobuf framing.
 MAX_BODY = 20 * 1024 * 1024
-TOO_LARGE = f"medunic coordinator: a request body on this port is at most {MAX_BODY} bytes"
+TOO_LARGE = "medunic coordinator: a request body on this port is at most {} bytes"
+# Request bodies the public listener holds at once: all of them, and those from one client
+# address (a hospital's SuperNodes behind one gateway share it). An honest SuperNode pushes at
+# most two chunks at a time (FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES); an outsider with many
+# connections would otherwise pile up MAX_BODY on each.
+MAX_HELD = 256 * 1024 * 1024
+MAX_HELD_PER_ADDRESS = 64 * 1024 * 1024
+BUSY = "medunic coordinator: too many request bodies in flight; retry later"
+# Seconds a request body may take to arrive (a 5 MiB chunk at 1 Mbit/s takes about 45).
+BODY_DEADLINE = 300.0
+TOO_SLOW = "medunic coordinator: a request body on this port must arrive within {:g} seconds"
 
 log = logging.getLogger("flwr.medunic.superlink")
 
@@ -63,10 +79,17 @@ def public_paths() -> frozenset[str]:
 
 
 class FleetOnly:
-    """ASGI wrapper: requests that arrive on ``public_port`` reach the app only for ``allowed`` paths."""
+    """ASGI wrapper: requests that arrive on ``public_port`` reach the app only for ``allowed``
+    paths, with a body of at most ``max_body`` bytes that arrives within ``deadline`` seconds,
+    while the bodies held stay within ``max_held`` bytes (``per_address`` for one address)."""
 
-    def __init__(self, app: ASGIApp, public_port: int, allowed: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, public_port: int, allowed: frozenset[str], *, max_body: int = MAX_BODY,
+                 max_held: int = MAX_HELD, per_address: int = MAX_HELD_PER_ADDRESS,
+                 deadline: float = BODY_DEADLINE) -> None:
         self.app, self.public_port, self.allowed = app, public_port, allowed
+        self.max_body, self.max_held, self.per_address, self.deadline = max_body, max_held, per_address, deadline
+        self.held = 0  # bytes reserved by the public requests in flight (one event loop: no lock needed)
+        self.held_by: Counter[str] = Counter()
 
     def on_public_listener(self, scope: Scope) -> bool:
         server = scope.get("server") or (None, None)
@@ -85,37 +108,76 @@ class FleetOnly:
                 return
             await _refuse(send, 403, REFUSAL)
             return
-        if scope["type"] == "http":
-            body = await _read_body(scope, receive, MAX_BODY)
-            if body is None:
-                log.warning("refused %s %s from %s:%s on the public port: body over %d bytes", scope["method"],
-                            scope["path"][:200], client[0], client[1], MAX_BODY)
-                await _refuse(send, 413, TOO_LARGE)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        where = f"{scope['method']} {scope['path'][:200]} from {client[0]}:{client[1]} on the public port"
+        size = _announced_size(scope, self.max_body)
+        if size is None:
+            log.warning("refused %s: body over %d bytes", where, self.max_body)
+            await _refuse(send, 413, TOO_LARGE.format(self.max_body))
+            return
+        if self.held + size > self.max_held or self.held_by[client[0]] + size > self.per_address:
+            log.warning("refused %s: %d bytes in flight (%d from this address)", where, self.held,
+                        self.held_by[client[0]])
+            await _refuse(send, 503, BUSY, retry_after=5)
+            return
+        self.held += size
+        self.held_by[client[0]] += size
+        try:
+            try:
+                body = await asyncio.wait_for(_read_body(receive, size), self.deadline)
+            except TimeoutError:
+                log.warning("refused %s: the body did not arrive within %g s", where, self.deadline)
+                await _refuse(send, 408, TOO_SLOW.format(self.deadline))
                 return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send)
+            except _ClientGone:  # nothing to answer, and a part of a body is not a request
+                return
+            if body is None:
+                log.warning("refused %s: body over %d bytes", where, self.max_body)
+                await _refuse(send, 413, TOO_LARGE.format(self.max_body))
+                return
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.held -= size
+            self.held_by[client[0]] -= size
+            if not self.held_by[client[0]]:
+                del self.held_by[client[0]]
 
 
-async def _refuse(send, status: int, detail: str) -> None:
+async def _refuse(send, status: int, detail: str, retry_after: Optional[int] = None) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(scope: Scope, receive, limit: int) -> Optional[bytes]:
-    """The whole request body, or None as soon as it is known to exceed ``limit`` bytes (by
-    its Content-Length, or while reading a body sent without one): at most ``limit`` bytes
-    are ever held."""
-    for name, value in scope.get("headers", []):
-        if name.lower() == b"content-length" and (not value.strip().isdigit() or int(value) > limit):
-            return None
+def _announced_size(scope: Scope, limit: int) -> Optional[int]:
+    """The bytes a request's body may take, from its head: its Content-Length, ``limit`` for
+    a body sent in chunks (its size is unknown until read), 0 for none; None when the head
+    announces more than ``limit`` or a length that is not a number."""
+    headers = {name.lower(): value for name, value in scope.get("headers", [])}
+    if b"content-length" in headers:
+        value = headers[b"content-length"].strip()
+        return int(value) if value.isdigit() and int(value) <= limit else None
+    return limit if b"transfer-encoding" in headers else 0
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before its request body was complete."""
+
+
+async def _read_body(receive, limit: int) -> Optional[bytes]:
+    """The whole request body, or None as soon as it exceeds ``limit`` bytes: at most
+    ``limit`` bytes are ever held. Raises _ClientGone when the client leaves first."""
     chunks, size = [], 0
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            return b"".join(chunks)
+        if message["type"] != "http.request":
+            raise _ClientGone
         size += len(message.get("body", b""))
         if size > limit:
             return None

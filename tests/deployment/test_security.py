@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from client.supernode import installed_app_hash
 from medunic_core.cli import subprocess_env
 from server.coordinator import CONNECTION, run_status, write_connection
 from server.registry import REGISTRY_FILE, SiteRegistry
-from server.superlink import REFUSAL, TOO_LARGE
+from server.superlink import BUSY, MAX_BODY, MAX_HELD_PER_ADDRESS, REFUSAL, TOO_LARGE
 
 from tests.deployment.loopback import MIN_PAIRS, SITES, free_port, loopback_federation, wait_until
 
@@ -120,13 +121,31 @@ def test_an_outsider_with_only_the_ca_cannot_run_code_control_the_run_or_join(
         # 4: make the SuperLink buffer a huge body (Flower reads a body whole before it checks the
         # signature): a 10 GB Content-Length is answered 413 at once, over TLS with only ca.crt
         tls = ssl.create_default_context(cafile=str(lb.certs / "ca.crt"))
-        with socket.create_connection(("127.0.0.1", lb.port), timeout=30) as raw, \
-                tls.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+
+        def announce(size: int) -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", lb.port), timeout=30)
+            sock = tls.wrap_socket(raw, server_hostname="127.0.0.1")
             sock.sendall(f"POST /v1/fleet/push-object HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         f"Content-Length: {10**10}\r\n\r\n".encode())
+                         f"Content-Length: {size}\r\n\r\n".encode())
+            return sock
+
+        def answer(sock: ssl.SSLSocket) -> tuple[int, str]:
             response = http.client.HTTPResponse(sock)
             response.begin()
-            assert response.status == 413 and TOO_LARGE in response.read().decode()
+            return response.status, response.read().decode()
+
+        with announce(10**10) as sock:
+            status, text = answer(sock)
+            assert status == 413 and TOO_LARGE.format(MAX_BODY) in text
+        # 4b: ... or many bodies just under the cap, each held open: from one address no more
+        # than MAX_HELD_PER_ADDRESS is taken up; the next is answered 503 at once
+        held = [announce(MAX_BODY) for _ in range(MAX_HELD_PER_ADDRESS // MAX_BODY)]
+        time.sleep(1)
+        with announce(MAX_BODY) as sock:
+            status, text = answer(sock)
+            assert status == 503 and BUSY in text
+        for sock in held:
+            sock.close()
 
         # 5: list, read the logs of and stop the legitimate run while it runs (which still completes)
         wait = lb.run_in_background("fed.rounds=2", "fed.local_steps=2")

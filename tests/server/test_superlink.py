@@ -1,7 +1,8 @@
 """The public listener's wrapper (server.superlink.FleetOnly) under a real uvicorn on
 loopback: an outsider's oversized body is refused before the app reads it, whether it is
-announced (Content-Length) or streamed (chunked), and honest Fleet requests pass whole.
-The full SuperLink behind it is attacked in tests/deployment/test_security.py."""
+announced (Content-Length) or streamed (chunked); many held bodies together, from one address
+or from several, and a body that never finishes are refused too; honest Fleet requests pass
+whole. The full SuperLink behind it is attacked in tests/deployment/test_security.py."""
 
 from __future__ import annotations
 
@@ -15,15 +16,20 @@ from typing import Iterator
 import pytest
 import uvicorn
 
-from server.superlink import MAX_BODY, REFUSAL, TOO_LARGE, FleetOnly, bind
+from server.superlink import BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, bind
 from tests.deployment.loopback import free_port
 
 FLEET = "/v1/fleet/push-object"
 
 
+MiB = 2**20
+
+
 @pytest.fixture
-def listener() -> Iterator[tuple[int, int, list[int]]]:
-    """(public port, control port, body sizes the app received) of a wrapped echo app."""
+def listener(request) -> Iterator[tuple[int, int, list[int]]]:
+    """(public port, control port, body sizes the app received) of a wrapped echo app; the
+    wrapper's limits are its defaults or the test's (indirect parametrization)."""
+    limits = getattr(request, "param", {})
     seen: list[int] = []
 
     async def app(scope, receive, send) -> None:
@@ -39,7 +45,7 @@ def listener() -> Iterator[tuple[int, int, list[int]]]:
         await send({"type": "http.response.body", "body": b"ok"})
 
     public, control = free_port(), free_port()
-    server = uvicorn.Server(uvicorn.Config(FleetOnly(app, public, frozenset({FLEET})), log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(FleetOnly(app, public, frozenset({FLEET}), **limits), log_level="warning",
                                            lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [bind("127.0.0.1", control),
                                                                      bind("127.0.0.1", public)]}, daemon=True)
@@ -86,12 +92,52 @@ def test_an_oversized_body_on_the_public_port_is_refused_before_the_app_reads_it
 
     # announced: a Content-Length of 10 GB, answered at once, before any of the body is sent
     head = f"POST {FLEET} HTTP/1.1\r\nHost: x\r\nContent-Length: {10**10}\r\n\r\n"
-    assert _attack(public, head, iter(())) == (413, {"detail": TOO_LARGE})
+    assert _attack(public, head, iter(())) == (413, {"detail": TOO_LARGE.format(MAX_BODY)})
     # streamed without a length: 1 MiB chunks, cut off once past the cap
     head = f"POST {FLEET} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunk = b"%x\r\n" % 2**20 + b"x" * 2**20 + b"\r\n"
-    assert _attack(public, head, (chunk for _ in range(MAX_BODY // 2**20 + 1))) == (413, {"detail": TOO_LARGE})
+    assert _attack(public, head, (chunk for _ in range(MAX_BODY // 2**20 + 1))) == (413, {"detail": TOO_LARGE.format(MAX_BODY)})
     assert seen == [1000, MAX_BODY]  # the app saw neither
     # other paths are still refused as before; the control listener (loopback, trusted) is not capped
     assert _post(public, b"", path="/v1/control/start-run") == (403, {"detail": REFUSAL})
     assert _post(control, b"x" * (MAX_BODY + 1))[0] == 200 and seen[-1] == MAX_BODY + 1
+
+
+def _hold(port: int, size: int, source: str = "127.0.0.1") -> socket.socket:
+    """An outsider's connection that announces a body of ``size`` bytes, sends a little of it
+    and keeps the rest back; once the server has taken the request up."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    sock.sendall(f"POST {FLEET} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode() + b"x" * 100)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize("listener", [dict(max_held=5 * MiB, per_address=3 * MiB, deadline=3.0)], indirect=True)
+def test_held_bodies_are_bounded_together_and_in_time(listener):
+    public, _, seen = listener
+    first = _hold(public, 2 * MiB)
+    time.sleep(0.5)
+    # one address: 2 MiB held, another 2 MiB would pass its 3 MiB -> 503 at once (a SuperNode retries)
+    start = time.monotonic()
+    with _hold(public, 2 * MiB) as second:
+        assert _answer(second) == (503, {"detail": BUSY}) and time.monotonic() - start < 2
+    assert _post(public, b"x" * 1000) == (200, {})  # a small honest request from it still passes
+    # several addresses: 2 + 2 MiB held, a third address's 2 MiB would pass the 5 MiB in all
+    other = _hold(public, 2 * MiB, source="127.0.0.2")
+    time.sleep(0.5)
+    with _hold(public, 2 * MiB, source="127.0.0.3") as third:
+        assert _answer(third) == (503, {"detail": BUSY})
+    # a body that does not arrive is cut off at the deadline, and what it held is free again
+    for sock in (first, other):
+        with sock:
+            assert _answer(sock) == (408, {"detail": TOO_SLOW.format(3.0)})
+    assert _post(public, b"x" * (2 * MiB))[0] == 200 and seen == [1000, 2 * MiB]
+    # a client that leaves mid-body: the app never sees the part it sent, and its share is freed
+    _hold(public, 2 * MiB).close()
+    time.sleep(0.5)
+    assert _post(public, b"x" * (3 * MiB))[0] == 200 and seen == [1000, 2 * MiB, 3 * MiB]
