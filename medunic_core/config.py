@@ -305,12 +305,13 @@ def _check_choices(cfg: DictConfig) -> None:
 
 def _check_ranges(cfg: DictConfig) -> None:
     """Sizes, rates and counts in range; known languages; a device torch can name."""
-    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                           (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]"),
-                           (OPTIONAL_POSITIVE, lambda v: v > 0, "> 0 (or null: the default)")):
+    for keys, ok, what, optional in ((POSITIVE, lambda v: v > 0, "> 0", False),
+                                     (NON_NEGATIVE, lambda v: v >= 0, ">= 0", False),
+                                     (FRACTIONS, lambda v: 0 <= v <= 1, "in [0, 1]", False),
+                                     (OPTIONAL_POSITIVE, lambda v: v > 0, "> 0 (or null: the default)", True)):
         for key in keys:
             value = OmegaConf.select(cfg, key)
-            if (value is None and keys is not OPTIONAL_POSITIVE) or (value is not None and not ok(value)):
+            if (value is None and not optional) or (value is not None and not ok(value)):
                 raise ConfigError(f"bad value for '{key}': {value}; it must be {what}")
     langs = list(cfg.data.langs)
     unknown = [lang for lang in langs if lang not in LANGUAGES]

@@ -114,8 +114,7 @@ class FleetOnly:
         where = f"{scope['method']} {scope['path'][:200]} from {client[0]}:{client[1]} on the public port"
         size = _announced_size(scope, self.max_body)
         if size is None:
-            log.warning("refused %s: body over %d bytes", where, self.max_body)
-            await _refuse(send, 413, TOO_LARGE.format(self.max_body))
+            await self._too_large(send, where)
             return
         if self.held + size > self.max_held or self.held_by[client[0]] + size > self.per_address:
             log.warning("refused %s: %d bytes in flight (%d from this address)", where, self.held,
@@ -134,8 +133,7 @@ class FleetOnly:
             except _ClientGone:  # nothing to answer, and a part of a body is not a request
                 return
             if body is None:
-                log.warning("refused %s: body over %d bytes", where, self.max_body)
-                await _refuse(send, 413, TOO_LARGE.format(self.max_body))
+                await self._too_large(send, where)
                 return
             await self.app(scope, _replay(body, receive), send)
         finally:
@@ -143,6 +141,10 @@ class FleetOnly:
             self.held_by[client[0]] -= size
             if not self.held_by[client[0]]:
                 del self.held_by[client[0]]
+
+    async def _too_large(self, send, where: str) -> None:
+        log.warning("refused %s: body over %d bytes", where, self.max_body)
+        await _refuse(send, 413, TOO_LARGE.format(self.max_body))
 
 
 async def _refuse(send, status: int, detail: str, retry_after: Optional[int] = None) -> None:
