@@ -188,7 +188,11 @@ class FedConfig:
     rounds: int = 3
     local_steps: int = 50  # optimizer steps per site and round
     site_optimizer: str = "keep"  # keep: a site's AdamW moments carry over the rounds of a run; reset: fresh each round
-    strategy: str = "fedavg"  # fedavg | fedavgm | fedprox | fedadam
+    # fedavg | fedavgm | fedprox | fedadam, or robust to a malicious minority of sites:
+    # fedmedian (coordinate-wise median, >= 3 sites) | fedtrimmedavg (mean without the
+    # fed.trim fraction of extreme values at each end, per coordinate)
+    strategy: str = "fedavg"
+    trim: float = 0.2  # fedtrimmedavg: the fraction cut off at each end, in [0, 0.5)
     proximal_mu: float = 0.01  # FedProx
     # The server's step on the sites' mean update: FedAdam's eta (default 0.01) or FedAvgM's
     # learning rate (default 1, FedAvg's step; the number of sites approximates taking their
@@ -267,7 +271,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "align.train_norm": ("local", "mixed"),
     "align.eval_norm": ("global", "community"),
     "align.round1": ("stats", "local"),
-    "fed.strategy": ("fedavg", "fedavgm", "fedprox", "fedadam"),
+    "fed.strategy": ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"),
     "fed.site_optimizer": ("keep", "reset"),
     "fed.bn": ("average", "local"),
     "fed.wire_dtype": ("float32", "float16"),
@@ -292,7 +296,7 @@ NON_NEGATIVE = (
 )
 OPTIONAL_POSITIVE = ("fed.server_lr",)  # None: a default chosen elsewhere
 FRACTIONS = ("train.min_lr_ratio", "data.max_bad_fraction", "mlm.mask_prob", "model.text.dropout",
-             "synth.dicom_fraction", "synth.test_fraction", "synth.val_fraction", "fed.server_momentum")
+             "synth.dicom_fraction", "synth.test_fraction", "synth.val_fraction", "fed.server_momentum", "fed.trim")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

@@ -1,4 +1,5 @@
-"""The Med-UniC strategy: Flower's FedAvg / FedAvgM / FedProx / FedAdam plus what Med-UniC needs.
+"""The Med-UniC strategy: Flower's FedAvg / FedAvgM / FedProx / FedAdam, or its robust
+FedMedian / FedTrimmedAvg, plus what Med-UniC needs.
 
 Flower's strategies do the sampling, the messages and the weighted average (and FedAdam's
 server optimizer). :class:`MedUniCAggregation` is put in front of one of them and adds:
@@ -13,6 +14,8 @@ server optimizer). :class:`MedUniCAggregation` is put in front of one of them an
   would push a running variance below zero;
 - rejection of non-finite and outlier updates (norm above ``reject_factor`` times the
   median of the other sites' norms), logged and counted, never averaged;
+- under a robust strategy, no aggregation from fewer accepted sites than it needs to
+  outvote one malicious site (:func:`robust_minimum`): the global weights stay;
 - under update-level DP, each site's ``privacy`` record (the epsilon it has spent) kept
   for the round's log; such sites send no token rows, so every row is averaged;
 - validation of every reply before anything of it is used
@@ -35,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg
 
 from medunic_core.align import AlignmentState
 from medunic_core.config import MedUniCConfig
@@ -55,14 +58,46 @@ FEDADAM_LR = 0.01  # FedAdam's server step (eta) when fed.server_lr is not set
 STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")  # FedAdam's moments, FedAvgM's: checkpointed with the round
 
 
+def robust_minimum(strategy: str, trim: float) -> int:
+    """Fewest accepted sites with which one malicious site's values never reach the
+    aggregate: a median needs a majority of 3 (a median of 2 is their mean), a trimmed mean
+    at least one value cut at each end (``int(trim x sites)``, as Flower cuts). 1 for the
+    averaging strategies, which no site count makes robust."""
+    if strategy == "fedmedian":
+        return 3
+    if strategy != "fedtrimmedavg":
+        return 1
+    if not 0 < trim < 0.5:
+        raise ConfigError(f"bad value for 'fed.trim': {trim}; fedtrimmedavg cuts a fraction in (0, 0.5) at each end "
+                          "(0 would be a plain unweighted mean)")
+    sites = 3
+    while int(trim * sites) < 1:
+        sites += 1
+    return sites
+
+
+def round_minimum(cfg: MedUniCConfig, sites: int) -> int:
+    """The fewest sites a round may go on with: ``fed.min_sites`` (0: all ``sites``). A
+    robust strategy is refused where that is fewer than it needs (:func:`robust_minimum`),
+    before any site is waited for."""
+    need = min(cfg.fed.min_sites or sites, sites)
+    robust = robust_minimum(cfg.fed.strategy, cfg.fed.trim)
+    if need < robust:
+        trim = f" fed.trim={cfg.fed.trim}" if cfg.fed.strategy == "fedtrimmedavg" else ""
+        raise ConfigError(f"fed.strategy={cfg.fed.strategy}{trim} outvotes a malicious site only in rounds of at least "
+                          f"{robust} sites, and this federation's rounds may have {need} (its sites, or fed.min_sites): "
+                          "add sites, or use an averaging strategy")
+    return need
+
+
 def federation_size(cfg: MedUniCConfig, run_config: Mapping[str, Any]) -> tuple[int, int]:
     """(sites of the federation, fewest a round may go on with): ``fed.expected_sites`` or
-    the run config's ``sites`` list, and ``fed.min_sites`` (0: all of them)."""
+    the run config's ``sites`` list, and :func:`round_minimum`."""
     spec = str(run_config.get("sites", "") or "")
     expected = cfg.fed.expected_sites or (len(parse_sites(spec)) if spec else 0)
     if expected <= 0:
         raise ConfigError("say how many sites the federation has: run config 'sites' or fed.expected_sites")
-    return expected, min(cfg.fed.min_sites or expected, expected)
+    return expected, round_minimum(cfg, expected)
 
 
 def wait_for_sites(grid: Grid, expected: int, minimum: int, wait: float, what: str) -> list[int]:
@@ -91,7 +126,7 @@ class MedUniCAggregation:
     server_optimizer = False  # True: Flower's strategy steps the mean with a server optimizer
 
     def __init__(
-        self, *args: Any, reject_factor: float = 10.0, wire_dtype: str = "float32",
+        self, *args: Any, reject_factor: float = 10.0, min_accepted: int = 1, wire_dtype: str = "float32",
         expected_sites: int = 1, site_wait: float = 600.0, message_type: str = P.TRAIN,
         token_key: str = TOKEN_EMBEDDINGS, max_examples: int = 1, layout: Optional[dict] = None, dp: bool = False,
         identities: Optional[SiteIdentities] = None, **kwargs: Any
@@ -99,7 +134,7 @@ class MedUniCAggregation:
         super().__init__(*args, **kwargs)
         self.message_type, self.token_key = message_type, token_key
         self.expected_sites, self.site_wait = expected_sites, site_wait
-        self.reject_factor = reject_factor
+        self.reject_factor, self.min_accepted = reject_factor, min_accepted
         self.wire_dtype = wire_dtype
         self.max_examples, self.layout, self.dp = max_examples, layout, dp
         self.identities = identities or SiteIdentities(LANGUAGES)
@@ -156,7 +191,10 @@ class MedUniCAggregation:
         privacy = {s: u.privacy for s, u in zip(sites, updates) if u.privacy is not None}
         if privacy:  # every release counts, also one rejected afterwards
             self.last_round["privacy"] = privacy
-        if not keep:
+        if len(keep) < self.min_accepted:
+            if keep:
+                log.warning("round %d: %d accepted update(s), and %s needs %d to outvote a malicious site; the "
+                            "global weights stay", server_round, len(keep), type(self).__name__, self.min_accepted)
             return None, None
         kept = [updates[i] for i in keep]
         arrays = [u.arrays for u in kept]
@@ -212,6 +250,16 @@ class MedUniCFedAdam(MedUniCAggregation, FedAdam):
     server_optimizer = True
 
 
+class MedUniCFedMedian(MedUniCAggregation, FedMedian):
+    """The coordinate-wise median of the sites' weights (not weighted by samples): a
+    minority of sites cannot move a coordinate beyond the honest sites' values."""
+
+
+class MedUniCFedTrimmedAvg(MedUniCAggregation, FedTrimmedAvg):
+    """The coordinate-wise mean without the ``fed.trim`` fraction of the sites' most extreme
+    values at each end (not weighted by samples)."""
+
+
 def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = MessageType.TRAIN,
                   token_key: str = TOKEN_EMBEDDINGS, max_examples: int = 0, layout: Optional[dict] = None,
                   identities: Optional[SiteIdentities] = None) -> MedUniCAggregation:
@@ -221,7 +269,7 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = Messag
     ``max_examples`` (default: a VLP round's ``local_steps x batch_size x accum_steps``)
     bounds a reply's ``num-examples``, ``layout`` is the alignment record a reply must
     carry (None: none) and ``identities`` binds nodes to sites."""
-    need = min(cfg.fed.min_sites or num_sites, num_sites)
+    need = round_minimum(cfg, num_sites)
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -231,6 +279,7 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = Messag
         expected_sites=num_sites,
         site_wait=cfg.fed.site_wait,
         reject_factor=cfg.fed.reject_factor,
+        min_accepted=robust_minimum(cfg.fed.strategy, cfg.fed.trim),
         wire_dtype=cfg.fed.wire_dtype,
         message_type=message_type,
         token_key=token_key,
@@ -241,6 +290,10 @@ def make_strategy(cfg: MedUniCConfig, num_sites: int, message_type: str = Messag
     )
     if cfg.fed.strategy == "fedprox":
         return MedUniCFedProx(proximal_mu=cfg.fed.proximal_mu, **common)
+    if cfg.fed.strategy == "fedmedian":
+        return MedUniCFedMedian(**common)
+    if cfg.fed.strategy == "fedtrimmedavg":
+        return MedUniCFedTrimmedAvg(beta=cfg.fed.trim, **common)
     server_lr = cfg.fed.server_lr
     if cfg.fed.strategy == "fedadam":
         return MedUniCFedAdam(eta=FEDADAM_LR if server_lr is None else server_lr, eta_l=cfg.train.lr, **common)

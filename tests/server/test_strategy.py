@@ -345,3 +345,60 @@ def test_a_server_optimizer_never_steps_the_batchnorm_running_statistics(name):
     assert all(np.allclose(v, 2.5) for v in stats.values())
     cfg = load_config("tiny", [f"fed.strategy={name}"])
     assert make_strategy(cfg, 2).server_optimizer
+
+
+# -- a malicious site within the outlier bound --------------------------------------------
+SITES = {11: ("en-1", "en"), 12: ("en-2", "en"), 13: ("en-3", "en"), 14: ("es-1", "es"), 15: ("es-2", "es")}
+
+
+def _poisoned_round(strategy_name: str, attacker_w: float = -30.0):
+    """Four honest sites move ``w`` from 0 to about 1 and the token rows alike; en-3 sends
+    ``w`` = ``attacker_w`` (norm about 8 x the honest ones': under fed.reject_factor 10, so
+    accepted). Returns the aggregate's ``w``, the honest values and the round's record."""
+    strategy, messages = _strategy(tuple(SITES), SiteIdentities(["en", "es"]), f"fed.strategy={strategy_name}")
+    honest = {11: 0.9, 12: 1.0, 14: 1.1, 15: 0.95}
+    replies = []
+    for m in messages:
+        node = m.metadata.dst_node_id
+        w = honest.get(node, attacker_w)
+        replies.append(_message(m, _records(np.full((ROWS, DIM), 8.0), w, 30, [0, 1], SITES[node][1], SITES[node][0])))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return float(record_arrays(arrays)["w"][0]), sorted(honest.values()), strategy.last_round
+
+
+def test_averaging_lets_one_malicious_site_steer_the_model_and_robust_strategies_do_not():
+    """The attack: a registered site sends a scaled update the opposite way, small enough to
+    pass the outlier check. FedAvg's mean follows it; the median and the trimmed mean stay
+    within the honest sites' values, whatever the attacker sends."""
+    w, honest, record = _poisoned_round("fedavg")
+    assert record["rejected"] == [] and len(record["sites"]) == 5  # the attack passed every check
+    assert w < -5  # the honest sites moved w to about +1; one site of five reversed it five times over
+    for name in ("fedmedian", "fedtrimmedavg"):
+        for attacker_w in (-30.0, 30.0, 1.02):
+            w, honest, record = _poisoned_round(name, attacker_w)
+            assert record["rejected"] == [] and len(record["sites"]) == 5
+            assert honest[0] <= w <= honest[-1], (name, attacker_w, w)
+
+
+def test_robust_strategies_refuse_rounds_too_small_to_outvote_a_site():
+    """A median of two sites is their mean; a trimmed mean that cuts nothing is a mean: both
+    refused before round 1, and a round left with too few accepted replies keeps the weights."""
+    assert type(make_strategy(load_config("tiny", ["fed.strategy=fedmedian"]), 3)).__name__ == "MedUniCFedMedian"
+    trimmed = make_strategy(load_config("tiny", ["fed.strategy=fedtrimmedavg"]), 5)
+    assert type(trimmed).__name__ == "MedUniCFedTrimmedAvg" and trimmed.beta == 0.2
+    for overrides, sites, needed in ((["fed.strategy=fedmedian"], 2, 3),
+                                     (["fed.strategy=fedtrimmedavg"], 4, 5),  # int(0.2 x 4) = 0 cut
+                                     (["fed.strategy=fedmedian", "fed.min_sites=2"], 5, 3)):
+        with pytest.raises(ConfigError, match=f"rounds of at least {needed} sites"):
+            make_strategy(load_config("tiny", overrides), sites)
+    assert make_strategy(load_config("tiny", ["fed.strategy=fedtrimmedavg", "fed.trim=0.25"]), 4).min_accepted == 4
+    for trim in ("0", "0.5"):
+        with pytest.raises(ConfigError, match="fed.trim"):
+            make_strategy(load_config("tiny", ["fed.strategy=fedtrimmedavg", f"fed.trim={trim}"]), 9)
+
+    strategy, (m1, m2, m3) = _strategy((11, 12, 13), None, "fed.strategy=fedmedian")
+    died = Message(Error(code=0, reason="site died mid-round"), reply_to=m3)
+    replies = [_message(m1, _records(np.full((ROWS, DIM), 8.0), 1.0, 10, [0], "en", "en-1")),
+               _message(m2, _records(np.full((ROWS, DIM), 8.0), -30.0, 10, [0], "es", "es-1")), died]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.last_round["sites"] == ["en-1", "es-1"] and strategy.last_round["failed"] == 1

@@ -51,12 +51,17 @@ def test_simulate_en_and_es_sites_end_to_end(tmp_path, monkeypatch):
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _has_env(p, f"FLWR_HOME={flwr_home}")]
 
 
-def test_a_run_that_fails_is_an_error_that_says_why(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides, sites, stage, reason", [
+    ([], "en-1:en", "vlp", "stage vlp needs the run's tokenizer"),
+    # a median of two sites is their mean: refused before the first stage waits for a site
+    (["fed.strategy=fedmedian"], "en-1:en,es-1:es", "vocab", "outvotes a malicious site only in rounds of at least 3"),
+])
+def test_a_run_that_fails_is_an_error_that_says_why(tmp_path, monkeypatch, overrides, sites, stage, reason):
     """`flwr run --stream` exits 0 however the run ended; the run's status is read back."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(MedunicError, match=r"ended finished:failed.*stage vlp needs the run's tokenizer"):
-        simulate("tiny", [f"fed.out_dir={tmp_path / 'fed'}"], sites="en-1:en", stage="vlp", progress=False)
+    with pytest.raises(MedunicError, match=f"ended finished:failed.*{reason}"):
+        simulate("tiny", [*overrides, f"fed.out_dir={tmp_path / 'fed'}"], sites=sites, stage=stage, progress=False)
 
 
 def _has_env(pid: str, entry: str) -> bool:
