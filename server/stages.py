@@ -260,6 +260,9 @@ class VlpStage(_Stage):
             log.warning("central evaluation without %s: no site of that community has sent statistics yet",
                         sorted(set(self.cfg.data.langs) - set(langs)))
         test = [r for r in test if r.lang in langs]
+        if not test:  # e.g. every site refused the run: nothing to normalise the reports by
+            log.warning("central evaluation skipped: no held-out pair of a community with statistics")
+            return {}
         res = evaluate_model(self.model, self.tokenizer, self.cfg, test, community=community, full=False,
                              cache=cache, prompt_langs=langs)
         out: dict[str, Any] = {f"zeroshot_{lang}": z["macro_auc"] for lang, z in res["zeroshot"].items()}

@@ -14,7 +14,7 @@ from client.app import LOCAL_BN
 from client.records import record_arrays
 from medunic_core.errors import ConfigError, FederationError
 from medunic_core.evaluation.run import community_stats_of_run, load_run
-from medunic_core.exchange import arrays_sha256
+from medunic_core.exchange import arrays_sha256, model_arrays
 from server.rounds import ROUNDS_FILE, SERVER_CHECKPOINT
 from server.stages import EXPORT_DIR, Federation, VlpStage
 from tests.inprocess import InProcessGrid
@@ -148,6 +148,27 @@ def test_a_site_lost_mid_round_does_not_stop_the_run(run_config):
     assert [r["round"] for r in rows] == [1, 2]
     assert rows[0]["failed"] == 1 and rows[0]["sites"] == ["en-1"]  # round 1 aggregated the survivor
     assert rows[1]["failed"] == 0 and rows[1]["sites"] == ["en-1"]  # round 2 went on without waiting forever
+
+
+class RefusingGrid(InProcessGrid):
+    """Every site refuses every message (a site that does not allow the run's app)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        return [Message(Error(code=0, reason="site refused the app"), reply_to=m) for m in messages]
+
+
+def test_a_run_that_every_site_refuses_keeps_its_weights_and_does_not_crash(run_config):
+    """No round has an update, and no community sent statistics, so community-normalised
+    central evaluation has nothing to evaluate: it is skipped (it crashed the ServerApp)."""
+    rc = run_config("align.eval_norm=community")
+    run = FederatedRun(rc)
+    start = {k: v.copy() for k, v in model_arrays(run.model).items()}
+    run.run(RefusingGrid(rc))
+    rows = [json.loads(x) for x in (run.out / ROUNDS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["failed"] == 2 and r["sites"] == [] and not r.get("central") for r in rows)
+    final = _final_arrays(run.out)
+    assert all(np.array_equal(final[k], v) for k, v in start.items())
 
 
 def test_too_few_sites_stop_the_run_with_a_clear_message(run_config):
