@@ -20,7 +20,12 @@ from one uvicorn server on two listeners:
   For the same reason the bodies in flight are bounded together (``MAX_HELD``, and
   ``MAX_HELD_PER_ADDRESS`` for one client address; a request beyond either is answered
   ``503``, which a SuperNode retries) and in time (``BODY_DEADLINE``, then ``408``): many
-  slow connections cannot pile up more than that, nor hold it for ever.
+  slow connections cannot pile up more than that, nor hold it for ever. Its connections
+  are bounded too (:class:`PublicConnections`): ``MAX_CONNECTIONS_PER_ADDRESS`` from one
+  address and ``MAX_CONNECTIONS`` in all (beyond, closed at once), and a connection without
+  a request in progress is closed after ``IDLE_DEADLINE`` seconds. Before, a connection
+  that never sent a whole request head stayed open for ever, so that one address could
+  hold every file descriptor the process had (a systemd service gets 1024 by default).
 
 The listener a request came in on is the local port of its connection (ASGI
 ``scope["server"]``), which a caller cannot choose. Pinned to flwr 1.42.0: the wrapper
@@ -64,6 +69,16 @@ BUSY = "medunic coordinator: too many request bodies in flight; retry later"
 BODY_DEADLINE = 300.0
 TOO_SLOW = "medunic coordinator: a request body on this port must arrive within {:g} seconds"
 
+# Connections to the public listener (after the TLS handshake, which asyncio bounds to 60 s):
+# from one address (an honest SuperNode keeps a few open) and in all; the process's open-file
+# limit is raised to its hard limit at start, and half of it bounds MAX_CONNECTIONS where that
+# is less. A connection with no request in progress for IDLE_DEADLINE seconds is closed
+# (uvicorn closes one after a response itself, after 5 s; this bounds one that never sends a
+# whole request head).
+MAX_CONNECTIONS_PER_ADDRESS = 64
+MAX_CONNECTIONS = 4096
+IDLE_DEADLINE = 20.0
+
 log = logging.getLogger("flwr.medunic.superlink")
 
 Scope = dict[str, Any]
@@ -78,16 +93,94 @@ def public_paths() -> frozenset[str]:
     return frozenset(route.path for router in (fleet_router, health_router) for route in router.routes)
 
 
+Peer = tuple[str, int]
+
+
+class PublicConnections:
+    """The public listener's connections, counted at the socket: at most ``per_address``
+    from one client address and ``max_open`` in all (a connection beyond either is closed as
+    soon as it is made), each closed after ``idle`` seconds without a request in progress.
+    :meth:`protocol` wraps uvicorn's HTTP protocol class; :class:`FleetOnly` says when a
+    request starts and ends. One event loop: no lock needed."""
+
+    def __init__(self, public_port: int, *, per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
+                 max_open: int = MAX_CONNECTIONS, idle: float = IDLE_DEADLINE) -> None:
+        self.public_port, self.per_address, self.max_open, self.idle = public_port, per_address, max_open, idle
+        self.open: dict[Peer, asyncio.BaseTransport] = {}
+        self.by_address: Counter[str] = Counter()
+        self.timers: dict[Peer, asyncio.TimerHandle] = {}
+
+    def protocol(self, base: type) -> type:
+        """``base`` (an asyncio protocol class) whose connections on the public port are counted."""
+        guard = self
+
+        class Counted(base):  # type: ignore[misc, valid-type]
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                self.medunic_peer = guard.opened(transport)
+
+            def connection_lost(self, exc: Optional[Exception]) -> None:
+                guard.closed(getattr(self, "medunic_peer", None))
+                super().connection_lost(exc)
+
+        return Counted
+
+    def opened(self, transport: asyncio.BaseTransport) -> Optional[Peer]:
+        """The new connection's peer, or None where it is not counted: another listener, or
+        closed at once because its address or the listener has too many."""
+        local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        if not local or local[1] != self.public_port or not peer:
+            return None
+        key = (str(peer[0]), int(peer[1]))
+        if len(self.open) >= self.max_open or self.by_address[key[0]] >= self.per_address:
+            log.warning("closed a connection from %s:%d on the public port at once: %d open, %d from this address",
+                        key[0], key[1], len(self.open), self.by_address[key[0]])
+            transport.abort()
+            return None
+        self.open[key] = transport
+        self.by_address[key[0]] += 1
+        self.request_ended(key)
+        return key
+
+    def closed(self, key: Optional[Peer]) -> None:
+        if key is None or self.open.pop(key, None) is None:
+            return
+        self.request_started(key)  # cancels its timer
+        self.by_address[key[0]] -= 1
+        if not self.by_address[key[0]]:
+            del self.by_address[key[0]]
+
+    def request_started(self, key: Peer) -> None:
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def request_ended(self, key: Peer) -> None:
+        """From now the connection must start its next request within ``idle`` seconds."""
+        if key in self.open:
+            self.request_started(key)
+            self.timers[key] = asyncio.get_running_loop().call_later(self.idle, self._expire, key)
+
+    def _expire(self, key: Peer) -> None:
+        self.timers.pop(key, None)
+        transport = self.open.get(key)
+        if transport is not None:
+            log.warning("closed the connection from %s:%d on the public port: no request for %g s", *key, self.idle)
+            transport.abort()
+
+
 class FleetOnly:
     """ASGI wrapper: requests that arrive on ``public_port`` reach the app only for ``allowed``
     paths, with a body of at most ``max_body`` bytes that arrives within ``deadline`` seconds,
-    while the bodies held stay within ``max_held`` bytes (``per_address`` for one address)."""
+    while the bodies held stay within ``max_held`` bytes (``per_address`` for one address).
+    ``connections`` (when given) hears when each public request starts and ends."""
 
     def __init__(self, app: ASGIApp, public_port: int, allowed: frozenset[str], *, max_body: int = MAX_BODY,
                  max_held: int = MAX_HELD, per_address: int = MAX_HELD_PER_ADDRESS,
-                 deadline: float = BODY_DEADLINE) -> None:
+                 deadline: float = BODY_DEADLINE, connections: Optional[PublicConnections] = None) -> None:
         self.app, self.public_port, self.allowed = app, public_port, allowed
         self.max_body, self.max_held, self.per_address, self.deadline = max_body, max_held, per_address, deadline
+        self.connections = connections
         self.held = 0  # bytes reserved by the public requests in flight (one event loop: no lock needed)
         self.held_by: Counter[str] = Counter()
 
@@ -100,6 +193,17 @@ class FleetOnly:
             await self.app(scope, receive, send)
             return
         client = scope.get("client") or ("?", 0)
+        if self.connections is None:
+            await self._public(scope, receive, send, client)
+            return
+        peer = (str(client[0]), int(client[1]))
+        self.connections.request_started(peer)
+        try:
+            await self._public(scope, receive, send, client)
+        finally:
+            self.connections.request_ended(peer)
+
+    async def _public(self, scope: Scope, receive, send, client: Sequence) -> None:
         if scope["path"] not in self.allowed:
             log.warning("refused %s %s from %s:%s on the public port", scope.get("method", "WS"), scope["path"][:200],
                         client[0], client[1])
@@ -230,6 +334,22 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def open_files_limit() -> int:
+    """The process's open-file limit, first raised to its hard limit (systemd gives a
+    service 1024 unless its unit says otherwise): every connection takes a descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_CONNECTIONS * 2 if soft == resource.RLIM_INFINITY else soft
+
+
 def _serve(config: Any, public: tuple[str, int]) -> None:
     """Replacement of ``flower_superlink._run_superlink_http_api`` (flwr 1.42.0)."""
     import uvicorn
@@ -243,10 +363,14 @@ def _serve(config: Any, public: tuple[str, int]) -> None:
                          "address (127.0.0.1): the Control API has no authentication")
     if public[1] == config.port:
         raise SystemExit(f"server.superlink: the public port {public[1]} must differ from the control port")
-    app = FleetOnly(create_app(config, SuperLinkLifespan), public[1], public_paths())
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    connections = PublicConnections(public[1], max_open=min(MAX_CONNECTIONS, open_files_limit() // 2))
+    app = FleetOnly(create_app(config, SuperLinkLifespan), public[1], public_paths(), connections=connections)
     server = uvicorn.Server(uvicorn.Config(
         app=app, reload=False, access_log=True, log_config=get_uvicorn_log_config(console_handler.level),
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1,
+        http=connections.protocol(AutoHTTPProtocol),
     ))
     log.info("control listener (all APIs) on %s:%d; public listener (Fleet API only) on %s:%d",
              config.host, config.port, *public)

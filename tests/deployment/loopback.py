@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -51,6 +52,18 @@ def wait_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.3)
     raise TimeoutError(f"nothing listens on {port}")
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the server closes ``sock`` (plain or TLS) within ``within`` seconds; it sends
+    nothing first."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except (ConnectionResetError, ssl.SSLError):
+        return True
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.5):

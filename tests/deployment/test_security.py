@@ -24,9 +24,11 @@ from client.supernode import installed_app_hash
 from medunic_core.cli import subprocess_env
 from server.coordinator import CONNECTION, run_status, write_connection
 from server.registry import REGISTRY_FILE, SiteRegistry
-from server.superlink import BUSY, MAX_BODY, MAX_HELD_PER_ADDRESS, REFUSAL, TOO_LARGE
+from server.superlink import (
+    BUSY, IDLE_DEADLINE, MAX_BODY, MAX_CONNECTIONS_PER_ADDRESS, MAX_HELD_PER_ADDRESS, REFUSAL, TOO_LARGE)
 
-from tests.deployment.loopback import MIN_PAIRS, SITES, free_port, loopback_federation, wait_until
+from tests.deployment.loopback import (
+    MIN_PAIRS, SITES, closed_by_server, free_port, loopback_federation, wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -146,6 +148,20 @@ def test_an_outsider_with_only_the_ca_cannot_run_code_control_the_run_or_join(
             assert status == 503 and BUSY in text
         for sock in held:
             sock.close()
+        # 4c: ... or connections that never send a request, each of which held a file descriptor
+        # for ever (a systemd service has 1024): from one address (here 127.0.0.2) at most
+        # MAX_CONNECTIONS_PER_ADDRESS; the next is closed at once, and all after IDLE_DEADLINE s
+        def connect() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", lb.port), timeout=30, source_address=("127.0.0.2", 0))
+            return tls.wrap_socket(raw, server_hostname="127.0.0.1")
+
+        idle = [connect() for _ in range(MAX_CONNECTIONS_PER_ADDRESS)]
+        try:
+            assert closed_by_server(connect(), 5)
+        except (ssl.SSLError, ConnectionResetError):  # closed while its handshake ended: closed too
+            pass
+        assert not any(closed_by_server(sock, 0.01) for sock in idle)
+        assert all(closed_by_server(sock, IDLE_DEADLINE + 10) for sock in idle)
 
         # 5: list, read the logs of and stop the legitimate run while it runs (which still completes)
         wait = lb.run_in_background("fed.rounds=2", "fed.local_steps=2")

@@ -1,8 +1,9 @@
 """The public listener's wrapper (server.superlink.FleetOnly) under a real uvicorn on
 loopback: an outsider's oversized body is refused before the app reads it, whether it is
 announced (Content-Length) or streamed (chunked); many held bodies together, from one address
-or from several, and a body that never finishes are refused too; honest Fleet requests pass
-whole. The full SuperLink behind it is attacked in tests/deployment/test_security.py."""
+or from several, and a body that never finishes are refused too; so are connections beyond
+the listener's bounds, and those that send no request; honest Fleet requests pass whole.
+The full SuperLink behind it is attacked in tests/deployment/test_security.py."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Iterator
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from server.superlink import BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, bind
-from tests.deployment.loopback import free_port
+from server.superlink import BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, PublicConnections, bind
+from tests.deployment.loopback import closed_by_server, free_port
 
 FLEET = "/v1/fleet/push-object"
 
@@ -29,7 +31,7 @@ MiB = 2**20
 def listener(request) -> Iterator[tuple[int, int, list[int]]]:
     """(public port, control port, body sizes the app received) of a wrapped echo app; the
     wrapper's limits are its defaults or the test's (indirect parametrization)."""
-    limits = getattr(request, "param", {})
+    limits = dict(getattr(request, "param", {}))
     seen: list[int] = []
 
     async def app(scope, receive, send) -> None:
@@ -45,8 +47,10 @@ def listener(request) -> Iterator[tuple[int, int, list[int]]]:
         await send({"type": "http.response.body", "body": b"ok"})
 
     public, control = free_port(), free_port()
-    server = uvicorn.Server(uvicorn.Config(FleetOnly(app, public, frozenset({FLEET}), **limits), log_level="warning",
-                                           lifespan="off"))
+    connections = PublicConnections(public, **limits.pop("connections", {}))
+    server = uvicorn.Server(uvicorn.Config(FleetOnly(app, public, frozenset({FLEET}), connections=connections, **limits),
+                                           log_level="warning", lifespan="off",
+                                           http=connections.protocol(AutoHTTPProtocol)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [bind("127.0.0.1", control),
                                                                      bind("127.0.0.1", public)]}, daemon=True)
     thread.start()
@@ -114,7 +118,8 @@ def _hold(port: int, size: int, source: str = "127.0.0.1") -> socket.socket:
 def _answer(sock: socket.socket) -> tuple[int, dict]:
     response = http.client.HTTPResponse(sock)
     response.begin()
-    return response.status, json.loads(response.read())
+    data = response.read()
+    return response.status, (json.loads(data) if response.status != 200 else {})
 
 
 @pytest.mark.parametrize("listener", [dict(max_held=5 * MiB, per_address=3 * MiB, deadline=3.0)], indirect=True)
@@ -141,3 +146,37 @@ def test_held_bodies_are_bounded_together_and_in_time(listener):
     _hold(public, 2 * MiB).close()
     time.sleep(0.5)
     assert _post(public, b"x" * (3 * MiB))[0] == 200 and seen == [1000, 2 * MiB, 3 * MiB]
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+
+
+@pytest.mark.parametrize("listener", [dict(connections=dict(per_address=4, max_open=6, idle=3.0))], indirect=True)
+def test_connections_are_bounded_by_address_in_all_and_in_time(listener):
+    """The attack: connections that never send a whole request. Unbounded, one address held
+    every file descriptor of the SuperLink (a systemd service has 1024) for ever."""
+    public, _, seen = listener
+    idle = [_connect(public) for _ in range(3)]
+    partial = _connect(public)
+    partial.sendall(f"POST {FLEET} HTTP/1.1\r\nHost: x\r\n".encode())  # a request head never finished
+    # a fifth from the same address is closed as soon as it is made; the four stay, for now
+    assert closed_by_server(_connect(public), 1.0)
+    assert not any(closed_by_server(sock, 0.05) for sock in (*idle, partial))
+    # other addresses share the listener's 6: two more connect, the third is closed
+    others = [_connect(public, "127.0.0.2"), _connect(public, "127.0.0.3")]
+    assert closed_by_server(_connect(public, "127.0.0.4"), 1.0)
+    # a request in progress is not idle: its body arrives over twice the idle deadline, and passes
+    for sock in others:
+        sock.close()
+    time.sleep(0.3)
+    slow = _connect(public, "127.0.0.2")
+    slow.sendall(f"POST {FLEET} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n".encode())
+    for _ in range(4):
+        time.sleep(1.6)
+        slow.sendall(b"x")
+    assert _answer(slow) == (200, {}) and seen[-1] == 4
+    # meanwhile the first four, which never sent a request, were closed at the idle deadline
+    assert all(closed_by_server(sock, 0.5) for sock in (*idle, partial))
+    assert _post(public, b"x" * 1000) == (200, {})  # the address may connect again
+
