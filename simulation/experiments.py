@@ -113,6 +113,12 @@ def load_suite(name: str) -> Suite:
     unknown = [r for c in suite.comparisons for r in (*c.a, *c.b) if r not in rows]
     if unknown:  # found now, not after hours of training
         raise ConfigError(f"{path}: comparisons name rows {unknown}; rows are '<variant> / eval <norm>': {sorted(rows)}")
+    for c in suite.comparisons:
+        compared = set(c.metrics or suite.compare_on or suite.columns)
+        bad = {m: v for m, v in c.margins.items() if m not in compared or not v > 0}
+        if bad:
+            raise ConfigError(f"{path}: comparison '{c.name}' has margins {bad}; a margin is > 0 and for a metric it "
+                              f"compares: {sorted(compared)}")
     return suite  # type: ignore[return-value]
 
 

@@ -5,6 +5,12 @@ augmentation draws, so the per-seed difference A - B cancels most of the run-to-
 spread. The verdict comes from the 95% t-interval of the mean difference: "better" when
 the whole interval favours A, "worse" when it favours B, "not resolved" when it holds 0
 (then the experiment is too small to rank the two, whatever the means say).
+
+A comparison may also carry a margin per metric, the largest difference it tolerates (issue
+12's parity: zero-shot within 0.03, R@1 within 0.05). Then the same interval decides
+whether A is within the margin of B (:func:`margin_verdict`): ``equivalent`` when the whole
+interval lies within +-margin, ``non-inferior`` when A's worse end is no further than the
+margin, ``inferior`` when all of it is, ``not resolved`` otherwise.
 """
 
 from __future__ import annotations
@@ -44,16 +50,29 @@ def paired_difference(a: Sequence[float], b: Sequence[float], higher: bool = Tru
     return {"n": n, "mean": mean, "ci": [lo, hi], "verdict": verdict, "differences": d.tolist()}
 
 
+def margin_verdict(ci: Sequence[Optional[float]], margin: float, higher: bool = True) -> str:
+    """Whether A lies within ``margin`` of B, from the interval of A - B (see the module)."""
+    lo, hi = ci
+    if lo is None or hi is None:
+        return "not resolved"
+    worst, best = (lo, hi) if higher else (-hi, -lo)  # A's worse and better ends, as gains
+    if worst >= -margin:
+        return "equivalent" if best <= margin else "non-inferior"
+    return "inferior" if best < -margin else "not resolved"
+
+
 @dataclass
 class Comparison:
     """Row A against row B on ``metrics`` (default: the suite's). Several rows in ``a`` mean
     "the best of these" by the mean of the first metric; ``b`` then lists each one's
-    counterpart (same length) or one row for all."""
+    counterpart (same length) or one row for all. ``margins``: metric -> the largest
+    difference tolerated (:func:`margin_verdict`)."""
 
     name: str = ""
     a: list[str] = field(default_factory=list)
     b: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    margins: dict[str, float] = field(default_factory=dict)
 
 
 def _pick(comparison: Comparison, runs: Mapping[str, Mapping[str, Any]], metric: str) -> tuple[str, str]:
@@ -80,19 +99,26 @@ def paired_comparisons(runs: Mapping[str, Mapping[str, Any]], comparisons: Seque
         for metric in keys:
             if metric not in runs[a] or metric not in runs[b]:
                 continue
-            result = paired_difference(runs[a][metric]["values"], runs[b][metric]["values"], higher_is_better(metric))
+            higher = higher_is_better(metric)
+            result = paired_difference(runs[a][metric]["values"], runs[b][metric]["values"], higher)
+            if metric in comparison.margins:
+                margin = float(comparison.margins[metric])
+                result.update(margin=margin, within_margin=margin_verdict(result["ci"], margin, higher))
             out.append({"comparison": comparison.name, "a": a, "b": b, "metric": metric, **result})
     return out
 
 
 def paired_table(rows: Sequence[Mapping[str, Any]], title: Optional[str] = None) -> str:
     """Markdown: one line per comparison and metric, mean difference A - B with its interval."""
+    margins = any("margin" in r for r in rows)
     lines = [f"## {title}\n" if title else "",
-             "| comparison | A | B | metric | seeds | mean A - B | 95% interval | verdict for A |",
-             "|---|---|---|---|---:|---:|---|---|"]
+             "| comparison | A | B | metric | seeds | mean A - B | 95% interval | verdict for A |"
+             + (" within margin |" if margins else ""),
+             "|---|---|---|---|---:|---:|---|---|" + ("---|" if margins else "")]
     for r in rows:
         lo, hi = r["ci"]
         interval = "n/a" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
+        within = (f" {r['within_margin']} (+-{r['margin']:g}) |" if "margin" in r else " |") if margins else ""
         lines.append(f"| {r['comparison']} | {r['a']} | {r['b']} | {r['metric']} | {r['n']} | {r['mean']:+.3f} | "
-                     f"{interval} | {r['verdict']} |")
+                     f"{interval} | {r['verdict']} |{within}")
     return "\n".join(line for line in lines if line)

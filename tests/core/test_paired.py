@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from medunic_core.evaluation.paired import Comparison, higher_is_better, paired_comparisons, paired_difference, paired_table
+from medunic_core.evaluation.paired import (
+    Comparison, higher_is_better, margin_verdict, paired_comparisons, paired_difference, paired_table)
 
 
 def test_a_consistent_gain_is_better_and_noise_is_not_resolved():
@@ -52,3 +53,25 @@ def test_best_of_several_rows_is_compared_with_its_own_counterpart():
     assert "| ctr | mixed on | mixed off | m | 3 | -0.020 |" in paired_table(rows)
     with pytest.raises(ValueError, match="no rows"):
         paired_comparisons(runs, [Comparison("x", ["nope"], ["local on"])], ["m"])
+
+
+@pytest.mark.parametrize("ci, higher, verdict", [
+    ((-0.02, 0.025), True, "equivalent"),      # all of it within +-0.03
+    ((-0.02, 0.09), True, "non-inferior"),     # at worst 0.02 below B, perhaps far above
+    ((-0.09, 0.02), True, "not resolved"),     # may be 0.09 below
+    ((-0.09, -0.04), True, "inferior"),        # below B by more than the margin, all of it
+    ((0.02, 0.09), False, "not resolved"),     # a loss: A's worse end is 0.09 higher
+    ((-0.09, 0.02), False, "non-inferior"),
+    ((None, None), True, "not resolved"),      # one seed
+])
+def test_a_margin_verdict_reads_the_interval_from_As_worse_end(ci, higher, verdict):
+    assert margin_verdict(ci, 0.03, higher) == verdict
+
+
+def test_a_comparison_with_margins_says_whether_A_stays_within_them():
+    runs = {"fed": {"auc": {"mean": 0.70, "values": [0.70, 0.71, 0.69, 0.70]}, "r1": {"mean": 0.5, "values": [0.5] * 4}},
+            "central": {"auc": {"mean": 0.70, "values": [0.70, 0.70, 0.70, 0.71]}, "r1": {"mean": 0.7, "values": [0.7] * 4}}}
+    rows = paired_comparisons(runs, [Comparison("parity", ["fed"], ["central"], margins={"auc": 0.03})], ["auc", "r1"])
+    assert [(r["metric"], r.get("within_margin")) for r in rows] == [("auc", "equivalent"), ("r1", None)]
+    table = paired_table(rows)
+    assert "| within margin |" in table and "| equivalent (+-0.03) |" in table

@@ -72,6 +72,11 @@ def test_a_comparison_of_a_row_the_suite_does_not_make_is_refused_at_load(tmp_pa
                    "comparisons:\n  - {name: c, a: [x / eval community], b: [x / eval global]}\n")
     with pytest.raises(ConfigError, match="x / eval community"):
         load_suite(str(bad))
+    for margins, what in (("{seconds: 0.1}", "seconds"), ("{retrieval/mean/R@1: 0}", "R@1")):
+        bad.write_text("variants:\n  - {name: x, kind: federated}\neval_norms: [global]\ncolumns: [retrieval/mean/R@1]\n"
+                       f"comparisons:\n  - {{name: c, a: [x / eval global], b: [x / eval global], margins: {margins}}}\n")
+        with pytest.raises(ConfigError, match=f"comparison 'c' has margins.*{what}"):
+            load_suite(str(bad))
 
 
 def test_the_default_suite_writes_its_paired_comparisons(tmp_path):
