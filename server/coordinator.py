@@ -38,11 +38,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from medunic_core.cli import subprocess_env
+from medunic_core.config import load_config
 from medunic_core.constants import APP_DIR
 from medunic_core.data.language import site_language, site_language_arg
 from medunic_core.errors import ConfigError, MedunicError
 from medunic_core.service import ServiceSettings, systemd_unit, write_files
 from server.registry import REGISTRY_FILE, SiteRegistry
+from server.strategy import round_minimum
 
 CONNECTION = "medunic"
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")  # what `flwr run` prints
@@ -469,11 +471,12 @@ def _start(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.stage != "vocab" and not args.tokenizer:
         raise ConfigError(f"--stage {args.stage} needs --tokenizer (the folder the vocab stage wrote)")
+    overrides = [*args.overrides, f"fed.expected_sites={args.sites}", f"fed.min_sites={args.min_sites}"]
+    round_minimum(load_config(args.preset, overrides), args.sites)  # a bad setting fails here, not in the run
     registry = Path(_state(args)) / REGISTRY_FILE
     if not registry.is_file():
         raise ConfigError(f"{registry} does not exist: register the sites first (`medunic server register`), "
                           "or name the SuperLink's folder with --state")
-    overrides = [*args.overrides, f"fed.expected_sites={args.sites}", f"fed.min_sites={args.min_sites}"]
     return run({"stage": args.stage, "preset": args.preset, "overrides": json.dumps(overrides), "sites": "",
                 "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else "",
                 "registry": str(registry.resolve())}, _state(args))

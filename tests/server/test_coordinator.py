@@ -85,3 +85,15 @@ def test_server_init_writes_a_config_that_start_and_the_operator_commands_read(t
         coordinator.CoordinatorSettings.load(config)
     assert main(["server", "init", "--user", "root", "--out", str(tmp_path / "b.toml"),
                  "--systemd-unit", str(tmp_path / "b.service")]) == 2  # never a root service
+
+
+def test_server_run_refuses_a_bad_setting_before_it_starts_a_run(tmp_path, capsys):
+    """The settings are checked where the coordinator types them, not minutes later in the ServerApp."""
+    state = ["--state", str(tmp_path / "state")]
+    assert main(["server", "run", "--stage", "vocab", "--sites", "2", *state, "fed.strategy=fedmedian"]) == 2
+    assert "outvotes a malicious site only in rounds of at least 3 sites" in capsys.readouterr().err
+    assert main(["server", "run", "--stage", "vocab", "--sites", "2", *state, "fed.strategy=fedsgd"]) == 2
+    assert "bad value for 'fed.strategy'" in capsys.readouterr().err
+    # a good setting gets as far as the next check: the registry of a started SuperLink
+    assert main(["server", "run", "--stage", "vocab", "--sites", "3", *state, "fed.strategy=fedmedian"]) == 2
+    assert "register the sites first" in capsys.readouterr().err
