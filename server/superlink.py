@@ -26,6 +26,8 @@ from one uvicorn server on two listeners:
   a request in progress is closed after ``IDLE_DEADLINE`` seconds. Before, a connection
   that never sent a whole request head stayed open for ever, so that one address could
   hold every file descriptor the process had (a systemd service gets 1024 by default).
+  What it logs about one client address is limited to a few lines a minute
+  (:class:`PerAddressLogLimit`), so that refused requests cannot fill the disk.
 
 The listener a request came in on is the local port of its connection (ASGI
 ``scope["server"]``), which a caller cannot choose. Pinned to flwr 1.42.0: the wrapper
@@ -45,6 +47,7 @@ import json
 import logging
 import socket
 import sys
+import time
 from collections import Counter
 from typing import Any, Awaitable, Callable, Optional, Sequence
 
@@ -96,6 +99,55 @@ def public_paths() -> frozenset[str]:
 Peer = tuple[str, int]
 
 
+def _warn(host: str, msg: str, *args: Any) -> None:
+    """A warning about a client of the public listener, which :class:`PerAddressLogLimit` counts."""
+    log.warning(msg, *args, extra={"client_host": host})
+
+
+class PerAddressLogLimit(logging.Filter):
+    """At most ``burst`` log lines about one client address per ``window`` seconds (our
+    refusals, and uvicorn's access lines, which Flower keeps for refused requests); the
+    first line of the next window says how many were left out. Without it, an outsider's
+    refused requests wrote two lines each, without end, into a console log nothing rotates.
+    Addresses beyond ``max_addresses`` share one count."""
+
+    def __init__(self, window: float = 60.0, burst: int = 20, max_addresses: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.window, self.burst, self.max_addresses, self.clock = window, burst, max_addresses, clock
+        self.counts: dict[str, list] = {}  # address -> [window start, lines logged, lines left out]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        host = _client_host(record)
+        if host is None:
+            return True
+        now = self.clock()
+        if host not in self.counts and len(self.counts) >= self.max_addresses:
+            self.counts = {h: c for h, c in self.counts.items() if now - c[0] < self.window}
+            if len(self.counts) >= self.max_addresses:
+                host = "other addresses"
+        count = self.counts.get(host)
+        if count is None or now - count[0] >= self.window:
+            left_out = count[2] if count else 0
+            self.counts[host] = [now, 1, 0]
+            if left_out:
+                record.msg = f"{record.msg} [{left_out} more lines about {host} left out in the last {self.window:g} s]"
+            return True
+        if count[1] < self.burst:
+            count[1] += 1
+            return True
+        count[2] += 1
+        return False
+
+
+def _client_host(record: logging.LogRecord) -> Optional[str]:
+    """The client address a record is about: ours carry it, uvicorn's access lines start with "host:port"."""
+    host = getattr(record, "client_host", None)
+    if host is None and record.name == "uvicorn.access" and isinstance(record.args, tuple) and record.args:
+        host = str(record.args[0]).rpartition(":")[0] or str(record.args[0])
+    return None if host is None else str(host)
+
+
 class PublicConnections:
     """The public listener's connections, counted at the socket: at most ``per_address``
     from one client address and ``max_open`` in all (a connection beyond either is closed as
@@ -133,8 +185,8 @@ class PublicConnections:
             return None
         key = (str(peer[0]), int(peer[1]))
         if len(self.open) >= self.max_open or self.by_address[key[0]] >= self.per_address:
-            log.warning("closed a connection from %s:%d on the public port at once: %d open, %d from this address",
-                        key[0], key[1], len(self.open), self.by_address[key[0]])
+            _warn(key[0], "closed a connection from %s:%d on the public port at once: %d open, %d from this address",
+                  key[0], key[1], len(self.open), self.by_address[key[0]])
             transport.abort()
             return None
         self.open[key] = transport
@@ -165,7 +217,7 @@ class PublicConnections:
         self.timers.pop(key, None)
         transport = self.open.get(key)
         if transport is not None:
-            log.warning("closed the connection from %s:%d on the public port: no request for %g s", *key, self.idle)
+            _warn(key[0], "closed the connection from %s:%d on the public port: no request for %g s", *key, self.idle)
             transport.abort()
 
 
@@ -205,8 +257,8 @@ class FleetOnly:
 
     async def _public(self, scope: Scope, receive, send, client: Sequence) -> None:
         if scope["path"] not in self.allowed:
-            log.warning("refused %s %s from %s:%s on the public port", scope.get("method", "WS"), scope["path"][:200],
-                        client[0], client[1])
+            _warn(client[0], "refused %s %s from %s:%s on the public port", scope.get("method", "WS"),
+                  scope["path"][:200], client[0], client[1])
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
@@ -218,11 +270,11 @@ class FleetOnly:
         where = f"{scope['method']} {scope['path'][:200]} from {client[0]}:{client[1]} on the public port"
         size = _announced_size(scope, self.max_body)
         if size is None:
-            await self._too_large(send, where)
+            await self._too_large(send, where, client[0])
             return
         if self.held + size > self.max_held or self.held_by[client[0]] + size > self.per_address:
-            log.warning("refused %s: %d bytes in flight (%d from this address)", where, self.held,
-                        self.held_by[client[0]])
+            _warn(client[0], "refused %s: %d bytes in flight (%d from this address)", where, self.held,
+                  self.held_by[client[0]])
             await _refuse(send, 503, BUSY, retry_after=5)
             return
         self.held += size
@@ -231,13 +283,13 @@ class FleetOnly:
             try:
                 body = await asyncio.wait_for(_read_body(receive, size), self.deadline)
             except TimeoutError:
-                log.warning("refused %s: the body did not arrive within %g s", where, self.deadline)
+                _warn(client[0], "refused %s: the body did not arrive within %g s", where, self.deadline)
                 await _refuse(send, 408, TOO_SLOW.format(self.deadline))
                 return
             except _ClientGone:  # nothing to answer, and a part of a body is not a request
                 return
             if body is None:
-                await self._too_large(send, where)
+                await self._too_large(send, where, client[0])
                 return
             await self.app(scope, _replay(body, receive), send)
         finally:
@@ -246,8 +298,8 @@ class FleetOnly:
             if not self.held_by[client[0]]:
                 del self.held_by[client[0]]
 
-    async def _too_large(self, send, where: str) -> None:
-        log.warning("refused %s: body over %d bytes", where, self.max_body)
+    async def _too_large(self, send, where: str, host: str) -> None:
+        _warn(host, "refused %s: body over %d bytes", where, self.max_body)
         await _refuse(send, 413, TOO_LARGE.format(self.max_body))
 
 
@@ -372,6 +424,9 @@ def _serve(config: Any, public: tuple[str, int]) -> None:
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1,
         http=connections.protocol(AutoHTTPProtocol),
     ))
+    limit = PerAddressLogLimit()  # after uvicorn.Config, which sets its loggers up
+    for name in ("uvicorn.access", log.name):
+        logging.getLogger(name).addFilter(limit)
     log.info("control listener (all APIs) on %s:%d; public listener (Fleet API only) on %s:%d",
              config.host, config.port, *public)
     server.run(sockets=[bind(config.host, config.port), bind(*public)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -18,7 +19,8 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from server.superlink import BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, PublicConnections, bind
+from server.superlink import (
+    BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, PerAddressLogLimit, PublicConnections, bind)
 from tests.deployment.loopback import closed_by_server, free_port
 
 FLEET = "/v1/fleet/push-object"
@@ -180,3 +182,29 @@ def test_connections_are_bounded_by_address_in_all_and_in_time(listener):
     assert all(closed_by_server(sock, 0.5) for sock in (*idle, partial))
     assert _post(public, b"x" * 1000) == (200, {})  # the address may connect again
 
+
+
+def test_log_lines_about_one_address_are_limited_and_say_what_they_left_out():
+    """An outsider's refused requests wrote two lines each (ours and uvicorn's access line)
+    into a console log nothing rotates; now a few a minute per address."""
+    now = [0.0]
+    limit = PerAddressLogLimit(window=60, burst=3, max_addresses=2, clock=lambda: now[0])
+
+    def ours(host: str) -> logging.LogRecord:
+        record = logging.LogRecord("flwr.medunic.superlink", logging.WARNING, "", 0, "refused %s", ("x",), None)
+        record.client_host = host
+        return record
+
+    def access(host: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                                 (f"{host}:5555", "POST", "/v1/control/start-run", "1.1", 403), None)
+
+    assert [limit.filter(make("10.0.0.1")) for make in (ours, access) * 3] == [True] * 3 + [False] * 3
+    assert limit.filter(access("10.0.0.2"))  # another address has its own count
+    assert limit.filter(logging.LogRecord("flwr", logging.INFO, "", 0, "round 1", (), None))  # not about a client
+    now[0] = 61.0
+    record = ours("10.0.0.1")
+    assert limit.filter(record) and "[3 more lines about 10.0.0.1 left out in the last 60 s]" in record.getMessage()
+    # beyond max_addresses (after the expired ones are dropped), new addresses share one count
+    assert limit.filter(ours("10.0.0.3")) and limit.filter(ours("10.0.0.4"))
+    assert "other addresses" in limit.counts
