@@ -197,21 +197,24 @@ class PublicConnections:
     def closed(self, key: Optional[Peer]) -> None:
         if key is None or self.open.pop(key, None) is None:
             return
-        self.request_started(key)  # cancels its timer
+        self._disarm(key)
         self.by_address[key[0]] -= 1
         if not self.by_address[key[0]]:
             del self.by_address[key[0]]
 
     def request_started(self, key: Peer) -> None:
-        timer = self.timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
+        self._disarm(key)
 
     def request_ended(self, key: Peer) -> None:
         """From now the connection must start its next request within ``idle`` seconds."""
         if key in self.open:
-            self.request_started(key)
+            self._disarm(key)
             self.timers[key] = asyncio.get_running_loop().call_later(self.idle, self._expire, key)
+
+    def _disarm(self, key: Peer) -> None:
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
 
     def _expire(self, key: Peer) -> None:
         self.timers.pop(key, None)
@@ -225,14 +228,15 @@ class FleetOnly:
     """ASGI wrapper: requests that arrive on ``public_port`` reach the app only for ``allowed``
     paths, with a body of at most ``max_body`` bytes that arrives within ``deadline`` seconds,
     while the bodies held stay within ``max_held`` bytes (``per_address`` for one address).
-    ``connections`` (when given) hears when each public request starts and ends."""
+    ``connections`` hears when each public request starts and ends (by default a counter of
+    its own, which counts nothing unless its protocol serves the listener)."""
 
     def __init__(self, app: ASGIApp, public_port: int, allowed: frozenset[str], *, max_body: int = MAX_BODY,
                  max_held: int = MAX_HELD, per_address: int = MAX_HELD_PER_ADDRESS,
                  deadline: float = BODY_DEADLINE, connections: Optional[PublicConnections] = None) -> None:
         self.app, self.public_port, self.allowed = app, public_port, allowed
         self.max_body, self.max_held, self.per_address, self.deadline = max_body, max_held, per_address, deadline
-        self.connections = connections
+        self.connections = connections or PublicConnections(public_port)
         self.held = 0  # bytes reserved by the public requests in flight (one event loop: no lock needed)
         self.held_by: Counter[str] = Counter()
 
@@ -245,9 +249,6 @@ class FleetOnly:
             await self.app(scope, receive, send)
             return
         client = scope.get("client") or ("?", 0)
-        if self.connections is None:
-            await self._public(scope, receive, send, client)
-            return
         peer = (str(client[0]), int(client[1]))
         self.connections.request_started(peer)
         try:
