@@ -21,11 +21,14 @@ from one uvicorn server on two listeners:
   ``MAX_HELD_PER_ADDRESS`` for one client address; a request beyond either is answered
   ``503``, which a SuperNode retries) and in time (``BODY_DEADLINE``, then ``408``): many
   slow connections cannot pile up more than that, nor hold it for ever. Its connections
-  are bounded too (:class:`PublicConnections`): ``MAX_CONNECTIONS_PER_ADDRESS`` from one
-  address and ``MAX_CONNECTIONS`` in all (beyond, closed at once), and a connection without
-  a request in progress is closed after ``IDLE_DEADLINE`` seconds. Before, a connection
-  that never sent a whole request head stayed open for ever, so that one address could
-  hold every file descriptor the process had (a systemd service gets 1024 by default).
+  are bounded too (:class:`PublicConnections`), from the moment the kernel hands one over,
+  before its TLS handshake: ``MAX_CONNECTIONS_PER_ADDRESS`` from one address (an IPv6 /64
+  counts as one) and ``MAX_CONNECTIONS`` in all (beyond, closed at once); a connection
+  without a request in progress is closed after ``IDLE_DEADLINE`` seconds, one that does
+  not finish its TLS handshake after asyncio's 60 seconds. Before, a connection that never
+  sent a whole request head stayed open for ever, and one that never sent a TLS ClientHello
+  was not counted at all, so that one address could hold every file descriptor the process
+  had (a systemd service gets 1024 by default).
   What it logs about one client address is limited to a few lines a minute
   (:class:`PerAddressLogLimit`), so that refused requests cannot fill the disk.
 
@@ -46,6 +49,7 @@ import ipaddress
 import json
 import logging
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -72,12 +76,12 @@ BUSY = "medunic coordinator: too many request bodies in flight; retry later"
 BODY_DEADLINE = 300.0
 TOO_SLOW = "medunic coordinator: a request body on this port must arrive within {:g} seconds"
 
-# Connections to the public listener (after the TLS handshake, which asyncio bounds to 60 s):
-# from one address (an honest SuperNode keeps a few open) and in all; the process's open-file
-# limit is raised to its hard limit at start, and half of it bounds MAX_CONNECTIONS where that
-# is less. A connection with no request in progress for IDLE_DEADLINE seconds is closed
-# (uvicorn closes one after a response itself, after 5 s; this bounds one that never sends a
-# whole request head).
+# Connections to the public listener, counted from accept (before the TLS handshake, which
+# asyncio bounds to 60 s): from one address (an honest SuperNode keeps a few open) and in all;
+# the process's open-file limit is raised to its hard limit at start, and half of it bounds
+# MAX_CONNECTIONS where that is less. A connection with no request in progress for
+# IDLE_DEADLINE seconds after its handshake is closed (uvicorn closes one after a response
+# itself, after 5 s; this bounds one that never sends a whole request head).
 MAX_CONNECTIONS_PER_ADDRESS = 64
 MAX_CONNECTIONS = 4096
 IDLE_DEADLINE = 20.0
@@ -145,28 +149,70 @@ def _client_host(record: logging.LogRecord) -> Optional[str]:
     host = getattr(record, "client_host", None)
     if host is None and record.name == "uvicorn.access" and isinstance(record.args, tuple) and record.args:
         host = str(record.args[0]).rpartition(":")[0] or str(record.args[0])
-    return None if host is None else str(host)
+    return None if host is None else address_key(str(host))
+
+
+def address_key(host: str) -> str:
+    """What the per-address limits count against: an IPv4 address (also as the IPv4-mapped
+    IPv6 address a dual-stack listener reports) or an IPv6 /64, which one host or subscriber
+    usually holds whole (one address each would give an attacker 2**64)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 class PublicConnections:
-    """The public listener's connections, counted at the socket: at most ``per_address``
-    from one client address and ``max_open`` in all (a connection beyond either is closed as
-    soon as it is made), each closed after ``idle`` seconds without a request in progress.
-    :meth:`protocol` wraps uvicorn's HTTP protocol class; :class:`FleetOnly` says when a
-    request starts and ends. One event loop: no lock needed."""
+    """The public listener's connections, counted from accept, before any TLS handshake: at
+    most ``per_address`` from one client address (:func:`address_key`) and ``max_open`` in
+    all; a connection beyond either is closed as soon as the kernel hands it over. After its
+    handshake a connection is closed once it has gone ``idle`` seconds without a request in
+    progress. :meth:`listen` wraps the listening socket, :meth:`protocol` uvicorn's HTTP
+    protocol class; :class:`FleetOnly` says when a request starts and ends. One event loop:
+    no lock needed."""
 
     def __init__(self, public_port: int, *, per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
                  max_open: int = MAX_CONNECTIONS, idle: float = IDLE_DEADLINE) -> None:
         self.public_port, self.per_address, self.max_open, self.idle = public_port, per_address, max_open, idle
-        self.open: dict[Peer, asyncio.BaseTransport] = {}
+        self.accepted = 0  # connections the listener holds, in their TLS handshake or past it
         self.by_address: Counter[str] = Counter()
+        self.open: dict[Peer, asyncio.BaseTransport] = {}  # past the handshake: the idle deadline applies
         self.timers: dict[Peer, asyncio.TimerHandle] = {}
 
+    def listen(self, sock: socket.socket) -> socket.socket:
+        """The bound socket ``sock`` as the public listener, whose ``accept`` admits or refuses
+        each connection (asyncio's event loop calls it; uvloop would not: serve with
+        ``loop="asyncio"``)."""
+        return _Listener(self, sock)
+
+    def admit(self, peer: Sequence) -> bool:
+        key = address_key(str(peer[0]))
+        if self.accepted >= self.max_open or self.by_address[key] >= self.per_address:
+            _warn(key, "closed a connection from %s:%d on the public port at once: %d open, %d from %s",
+                  peer[0], peer[1], self.accepted, self.by_address[key], key)
+            return False
+        self.accepted += 1
+        self.by_address[key] += 1
+        return True
+
+    def release(self, peer: Sequence) -> None:
+        key = address_key(str(peer[0]))
+        self.accepted -= 1
+        self.by_address[key] -= 1
+        if not self.by_address[key]:
+            del self.by_address[key]
+
     def protocol(self, base: type) -> type:
-        """``base`` (an asyncio protocol class) whose connections on the public port are counted."""
+        """``base`` (an asyncio protocol class) whose connections on the public port get the
+        idle deadline."""
         guard = self
 
-        class Counted(base):  # type: ignore[misc, valid-type]
+        class WithDeadline(base):  # type: ignore[misc, valid-type]
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 super().connection_made(transport)
                 self.medunic_peer = guard.opened(transport)
@@ -175,32 +221,21 @@ class PublicConnections:
                 guard.closed(getattr(self, "medunic_peer", None))
                 super().connection_lost(exc)
 
-        return Counted
+        return WithDeadline
 
     def opened(self, transport: asyncio.BaseTransport) -> Optional[Peer]:
-        """The new connection's peer, or None where it is not counted: another listener, or
-        closed at once because its address or the listener has too many."""
+        """The peer of a connection past its handshake, or None for another listener's."""
         local, peer = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
         if not local or local[1] != self.public_port or not peer:
             return None
         key = (str(peer[0]), int(peer[1]))
-        if len(self.open) >= self.max_open or self.by_address[key[0]] >= self.per_address:
-            _warn(key[0], "closed a connection from %s:%d on the public port at once: %d open, %d from this address",
-                  key[0], key[1], len(self.open), self.by_address[key[0]])
-            transport.abort()
-            return None
         self.open[key] = transport
-        self.by_address[key[0]] += 1
         self.request_ended(key)
         return key
 
     def closed(self, key: Optional[Peer]) -> None:
-        if key is None or self.open.pop(key, None) is None:
-            return
-        self._disarm(key)
-        self.by_address[key[0]] -= 1
-        if not self.by_address[key[0]]:
-            del self.by_address[key[0]]
+        if key is not None and self.open.pop(key, None) is not None:
+            self._disarm(key)
 
     def request_started(self, key: Peer) -> None:
         self._disarm(key)
@@ -222,6 +257,39 @@ class PublicConnections:
         if transport is not None:
             _warn(key[0], "closed the connection from %s:%d on the public port: no request for %g s", *key, self.idle)
             transport.abort()
+
+
+class _Listener(socket.socket):
+    """The public listening socket: each accepted connection is admitted or closed at once
+    (a reset, before any TLS byte), and an admitted one is released when it closes."""
+
+    def __init__(self, guard: PublicConnections, sock: socket.socket) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.guard = guard
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        fd, peer = self._accept()  # type: ignore[attr-defined]
+        conn = _Connection(self.family, self.type, self.proto, fileno=fd)
+        if not self.guard.admit(peer):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            # the event loop's cue to stop accepting for this tick (it tries again at the next)
+            raise ConnectionAbortedError(f"refused {peer[0]}:{peer[1]}")
+        conn.admitted = (self.guard, peer)
+        return conn, peer
+
+
+class _Connection(socket.socket):
+    """An admitted connection: closing it (asyncio does, whatever ended it) releases its place."""
+
+    admitted: Optional[tuple[PublicConnections, Any]] = None
+
+    def close(self) -> None:
+        if self.admitted is not None:
+            guard, peer = self.admitted
+            self.admitted = None
+            guard.release(peer)
+        super().close()
 
 
 class FleetOnly:
@@ -273,13 +341,13 @@ class FleetOnly:
         if size is None:
             await self._too_large(send, where, client[0])
             return
-        if self.held + size > self.max_held or self.held_by[client[0]] + size > self.per_address:
-            _warn(client[0], "refused %s: %d bytes in flight (%d from this address)", where, self.held,
-                  self.held_by[client[0]])
+        key = address_key(str(client[0]))
+        if self.held + size > self.max_held or self.held_by[key] + size > self.per_address:
+            _warn(key, "refused %s: %d bytes in flight (%d from %s)", where, self.held, self.held_by[key], key)
             await _refuse(send, 503, BUSY, retry_after=5)
             return
         self.held += size
-        self.held_by[client[0]] += size
+        self.held_by[key] += size
         try:
             try:
                 body = await asyncio.wait_for(_read_body(receive, size), self.deadline)
@@ -295,9 +363,9 @@ class FleetOnly:
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.held -= size
-            self.held_by[client[0]] -= size
-            if not self.held_by[client[0]]:
-                del self.held_by[client[0]]
+            self.held_by[key] -= size
+            if not self.held_by[key]:
+                del self.held_by[key]
 
     async def _too_large(self, send, where: str, host: str) -> None:
         _warn(host, "refused %s: body over %d bytes", where, self.max_body)
@@ -423,14 +491,14 @@ def _serve(config: Any, public: tuple[str, int]) -> None:
     server = uvicorn.Server(uvicorn.Config(
         app=app, reload=False, access_log=True, log_config=get_uvicorn_log_config(console_handler.level),
         ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1,
-        http=connections.protocol(AutoHTTPProtocol),
+        http=connections.protocol(AutoHTTPProtocol), loop="asyncio",  # asyncio calls the listener's accept
     ))
     limit = PerAddressLogLimit()  # after uvicorn.Config, which sets its loggers up
     for name in ("uvicorn.access", log.name):
         logging.getLogger(name).addFilter(limit)
     log.info("control listener (all APIs) on %s:%d; public listener (Fleet API only) on %s:%d",
              config.host, config.port, *public)
-    server.run(sockets=[bind(config.host, config.port), bind(*public)])
+    server.run(sockets=[bind(config.host, config.port), connections.listen(bind(*public))])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -162,6 +162,21 @@ def test_an_outsider_with_only_the_ca_cannot_run_code_control_the_run_or_join(
             pass
         assert not any(closed_by_server(sock, 0.01) for sock in idle)
         assert all(closed_by_server(sock, IDLE_DEADLINE + 10) for sock in idle)
+        # 4d: ... or connections that never start their TLS handshake, which were not counted at
+        # all (one address held every one it opened, for asyncio's 60 s handshake timeout, again
+        # and again): from 127.0.0.3 too, at most MAX_CONNECTIONS_PER_ADDRESS stay open
+        def silent() -> socket.socket | None:
+            try:
+                return socket.create_connection(("127.0.0.1", lb.port), timeout=30, source_address=("127.0.0.3", 0))
+            except ConnectionResetError:  # reset by the server while being made: refused
+                return None
+
+        opened = [silent() for _ in range(2 * MAX_CONNECTIONS_PER_ADDRESS)]
+        time.sleep(1)
+        stayed = [sock for sock in opened if sock is not None and not closed_by_server(sock, 0.01)]
+        assert len(stayed) == MAX_CONNECTIONS_PER_ADDRESS
+        for sock in stayed:
+            sock.close()
 
         # 5: list, read the logs of and stop the legitimate run while it runs (which still completes)
         wait = lb.run_in_background("fed.rounds=2", "fed.local_steps=2")

@@ -11,16 +11,18 @@ import http.client
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from server.certs import create_all
 from server.superlink import (
-    BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, PerAddressLogLimit, PublicConnections, bind)
+    BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, PerAddressLogLimit, PublicConnections, address_key, bind)
 from tests.deployment.loopback import closed_by_server, free_port
 
 FLEET = "/v1/fleet/push-object"
@@ -32,8 +34,14 @@ MiB = 2**20
 @pytest.fixture
 def listener(request) -> Iterator[tuple[int, int, list[int]]]:
     """(public port, control port, body sizes the app received) of a wrapped echo app; the
-    wrapper's limits are its defaults or the test's (indirect parametrization)."""
+    wrapper's limits are its defaults or the test's (indirect parametrization), and with
+    ``tls`` there, the listeners serve TLS with a certificate of ours (``certs/ca.crt`` in
+    the test's ``tmp_path`` verifies it)."""
     limits = dict(getattr(request, "param", {}))
+    tls = {}
+    if limits.pop("tls", False):
+        certs = create_all(request.getfixturevalue("tmp_path") / "certs", ["127.0.0.1"])
+        tls = dict(ssl_keyfile=str(certs / "server.key"), ssl_certfile=str(certs / "server.pem"))
     seen: list[int] = []
 
     async def app(scope, receive, send) -> None:
@@ -51,10 +59,10 @@ def listener(request) -> Iterator[tuple[int, int, list[int]]]:
     public, control = free_port(), free_port()
     connections = PublicConnections(public, **limits.pop("connections", {}))
     server = uvicorn.Server(uvicorn.Config(FleetOnly(app, public, frozenset({FLEET}), connections=connections, **limits),
-                                           log_level="warning", lifespan="off",
+                                           log_level="warning", lifespan="off", loop="asyncio", **tls,
                                            http=connections.protocol(AutoHTTPProtocol)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [bind("127.0.0.1", control),
-                                                                     bind("127.0.0.1", public)]}, daemon=True)
+    sockets = [bind("127.0.0.1", control), connections.listen(bind("127.0.0.1", public))]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
@@ -182,6 +190,53 @@ def test_connections_are_bounded_by_address_in_all_and_in_time(listener):
     assert all(closed_by_server(sock, 0.5) for sock in (*idle, partial))
     assert _post(public, b"x" * 1000) == (200, {})  # the address may connect again
 
+
+
+def _silent(port: int, source: str) -> Optional[socket.socket]:
+    """A TCP connection that never sends a byte (no TLS ClientHello), or None where the server
+    reset it while it was being made."""
+    try:
+        return _connect(port, source)
+    except ConnectionResetError:
+        return None
+
+
+@pytest.mark.parametrize("listener", [dict(tls=True, connections=dict(per_address=4, max_open=6, idle=3.0))],
+                         indirect=True)
+def test_connections_are_bounded_before_their_tls_handshake(listener, tmp_path):
+    """The attack: TCP connections to the TLS port that never send a ClientHello. The
+    bounds used to start at the end of the handshake (asyncio allows it 60 s), so that one
+    address held as many connections, and file descriptors, as it opened (all 200 of a try
+    at 65e9d88): the limits now count a connection from the moment the kernel hands it over."""
+    public, _, seen = listener
+    attacker = [_silent(public, "127.0.0.2") for _ in range(50)]
+    time.sleep(0.5)
+    held = [sock for sock in attacker if sock is not None and not closed_by_server(sock, 0.05)]
+    assert len(held) == 4  # the rest were closed at once, before any TLS byte
+    others = [_silent(public, "127.0.0.3") for _ in range(3)]  # 6 in all: the third is closed
+    assert others[2] is None or closed_by_server(others[2], 1.0)
+    assert not any(closed_by_server(sock, 0.05) for sock in (*held, *others[:2]))
+    for sock in others[:2]:
+        sock.close()
+    time.sleep(0.3)
+    # an honest TLS request from another address passes beside the attacker's 4
+    tls = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.crt"))
+    conn = http.client.HTTPSConnection("127.0.0.1", public, context=tls, timeout=30)
+    conn.request("POST", FLEET, body=b"x" * 1000)
+    assert conn.getresponse().status == 200 and seen == [1000]
+    conn.close()
+    for sock in held:
+        sock.close()
+    time.sleep(0.3)
+    assert [_silent(public, "127.0.0.2") is not None for _ in range(4)] == [True] * 4  # their places are free again
+
+
+def test_per_address_limits_count_an_ipv6_slash_64_as_one_address():
+    """One host (or subscriber) gets a whole IPv6 /64: counted per address, it would have 2**64."""
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:10.0.0.1") == address_key("10.0.0.1") == "10.0.0.1"  # dual-stack listener
+    assert address_key("fe80::1%eth0") == "fe80::/64"
 
 
 def test_log_lines_about_one_address_are_limited_and_say_what_they_left_out():
