@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional, Sequence, Union
@@ -99,6 +100,8 @@ def summary_metrics(results: Results) -> dict[str, Optional[float]]:
     for lang, metrics in results.get("zeroshot", {}).items():
         for key in ("macro_auc", "macro_f1", "accuracy"):
             out[f"zeroshot/{lang}/{key}"] = metrics.get(key)
+        for finding, auc in (metrics.get("auc") or {}).items():
+            out[f"zeroshot/{lang}/auc/{finding}"] = auc
     for fraction, metrics in results.get("linear_probe", {}).items():
         out[f"linear_probe/{_fraction_label(fraction)}/macro_auc"] = metrics.get("mean")
     if "text_probe" in results:
@@ -303,6 +306,38 @@ def compare_table(
     return "\n".join(lines)
 
 
+def finding_table(table: Mapping[str, Mapping[str, dict[str, Any]]]) -> str:
+    """Zero-shot AUC of each finding, one row per run and prompt language: the mean over
+    seeds and its range, which shows the findings whose ranking turns over (below 0.5) in
+    some seeds and not in others: what makes a macro AUC swing between seeds. "" without
+    per-finding AUCs."""
+    pattern = re.compile(r"zeroshot/(\w+)/auc/(\w+)$")
+    cells: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    findings: dict[str, None] = {}
+    for name, metrics in table.items():
+        for key, entry in metrics.items():
+            match = pattern.match(key)
+            if match and entry["values"]:
+                cells.setdefault((name, match[1]), {})[match[2]] = entry
+                findings[match[2]] = None
+    if not cells:
+        return ""
+
+    def cell(entry: Optional[dict[str, Any]]) -> str:
+        if entry is None:
+            return "n/a"
+        values = entry["values"]
+        spread = f" ({min(values):.2f}-{max(values):.2f}, {sum(v < 0.5 for v in values)} below 0.5)" if len(values) > 1 else ""
+        return f"{entry['mean']:.2f}{spread}"
+
+    lines = ["## Zero-shot AUC by finding", "",
+             "Mean over seeds (lowest-highest, seeds below 0.5, where the ranking turned over).", "",
+             "| run | prompts | " + " | ".join(findings) + " |", "|---|---|" + "---|" * len(findings)]
+    lines += [f"| {name} | {lang} | " + " | ".join(cell(by.get(f)) for f in findings) + " |"
+              for (name, lang), by in cells.items()]
+    return "\n".join(lines)
+
+
 def write_comparison(
     runs: Mapping[str, Union[Results, Sequence[Results]]], out_dir: Union[str, Path], by_run: bool = False,
     preamble: str = "", columns: Optional[Sequence[str]] = None,
@@ -316,10 +351,12 @@ def write_comparison(
     out_dir.mkdir(parents=True, exist_ok=True)
     keys, table = _aggregate(runs)
     md_path, json_path = out_dir / COMPARE_MD, out_dir / COMPARE_JSON
+    by_finding = finding_table(table) if by_run else ""
     md_path.write_text(
         "# Comparison\n\nPrimary: cross-lingual retrieval R@k (DESIGN.md); zero-shot AUC and "
         "the language-ID probe saturate early, report but do not steer by them.\n\n"
         + (preamble + "\n\n" if preamble else "") + compare_table(runs, by_run, columns) + "\n"
+        + (f"\n{by_finding}\n" if by_finding else "")
     )
     json_path.write_text(
         json.dumps(to_jsonable({"metrics": keys, "runs": table}), indent=2, allow_nan=False) + "\n"

@@ -94,7 +94,24 @@ def test_summary_metrics_leads_with_retrieval() -> None:
     assert "retrieval/en->es/chance@1" not in summary
     assert "bias/text/silhouette_lang" in summary
     assert "zeroshot/es/macro_auc" in summary
+    assert 0.5 < summary["zeroshot/en/auc/edema"] <= 1 and "zeroshot/es/auc/nodule" in summary  # per finding too
     assert summary["linear_probe/100%/macro_auc"] == 0.9
+
+
+def test_the_finding_table_shows_a_ranking_that_turns_over_in_one_seed(tmp_path: Path) -> None:
+    """A macro zero-shot AUC swings between seeds when one finding's ranking turns over
+    (its positive and negative prompts swap sides) in some seeds: the suites' compare.md
+    shows each finding's range over seeds."""
+    seeds = [_results(0.0, seed=s) for s in range(3)]
+    flipped = seeds[2]["zeroshot"]["en"]["auc"]
+    flipped["edema"] = 1 - flipped["edema"]
+    md_path, json_path = write_comparison({"federated": seeds}, tmp_path, by_run=True)
+    row = next(line for line in md_path.read_text().splitlines() if line.startswith("| federated | en |"))
+    edema = json.loads(json_path.read_text())["runs"]["federated"]["zeroshot/en/auc/edema"]["values"]
+    low, high = min(edema), max(edema)
+    assert low < 0.5 < high and f"({low:.2f}-{high:.2f}, 1 below 0.5)" in row.split(" | ")[2]
+    one = write_comparison({"one": seeds[0]}, tmp_path / "one", by_run=True)[0].read_text()
+    assert "(" not in next(line for line in one.splitlines() if line.startswith("| one | en |"))  # one seed: no range
 
 
 def test_compare_table_has_a_column_per_run_and_aggregates_seeds(tmp_path: Path) -> None:
