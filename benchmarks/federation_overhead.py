@@ -21,7 +21,11 @@ t-interval over the repeats and a verdict against the target.
 Targets (issue 12): in-round throughput >= 0.9 x the plain loop; a round's exchange <= 1.15 x
 the local compute it contains.
 
-    python benchmarks/federation_overhead.py [--preset tiny] [--rounds 3] [--steps N] [--repeats 1] [key=value ...]
+    python benchmarks/federation_overhead.py [--preset tiny] [--rounds 3] [--steps N] [--repeats 1]
+        [--results DIR] [key=value ...]
+
+``--results DIR`` also writes the tables (``overhead.md``), the figures (``overhead.json``) and
+the command, commit and machine (``run.json``) there: how results/federation-overhead/ was made.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from train_throughput import measure  # benchmarks/ is the script's folder
@@ -41,6 +46,7 @@ from medunic_core.evaluation.paired import paired_difference
 from medunic_core.federation.runconfig import parse_site_specs, synthetic_data_dir
 from medunic_core.loop import WARMUP_STEPS
 from medunic_core.train import train
+from simulation.experiments import write_provenance
 from simulation.federated import simulate, threads_per_site
 
 SITE = "en-1:en"
@@ -62,6 +68,7 @@ def main() -> None:
                         help="local steps per round (default: the preset's fed.local_steps, the demo's round)")
     parser.add_argument("--repeats", type=int, default=1, help="simulations, each between two plain-loop runs")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary folder)")
+    parser.add_argument("--results", default=None, help="folder for the tables, figures and provenance")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     args.steps = args.steps or load_config(args.preset, args.overrides).fed.local_steps
@@ -87,11 +94,17 @@ def main() -> None:
     central_pps = statistics.median(row["pairs_per_s"] for row in central.history)
     plain.append(plain_loop(args))
 
-    print(f"\npreset {args.preset}, one site, {args.repeats} simulation(s) of {args.rounds} rounds x {args.steps} "
-          f"steps, {threads} torch threads (plain loop and site alike); run folder {out}\n")
-    print(f"| simulation | round | site pairs/s | after {WARMUP_STEPS} steps | plain loop around it | vs plain loop | "
-          "after warm-up vs plain | local loop s | train exchange s | exchange / local |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines: list[str] = []
+
+    def show(line: str = "") -> None:
+        print(line)
+        lines.append(line)
+
+    show(f"\npreset {args.preset}, one site, {args.repeats} simulation(s) of {args.rounds} rounds x {args.steps} "
+         f"steps, {threads} torch threads (plain loop and site alike); run folder {out}\n")
+    show(f"| simulation | round | site pairs/s | after {WARMUP_STEPS} steps | plain loop around it | vs plain loop | "
+         "after warm-up vs plain | local loop s | train exchange s | exchange / local |")
+    show("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios, steady, overheads, per_repeat, steady_per_repeat = [], [], [], [], []
     for repeat, rows in enumerate(simulations, start=1):
         around = (plain[repeat - 1] + plain[repeat]) / 2
@@ -102,25 +115,38 @@ def main() -> None:
             ratios.append(pps / around)
             steady.append(warm / around)
             overheads.append(wall / local)
-            print(f"| {repeat} | {row['round']} | {pps:.1f} | {warm:.1f} | {around:.1f} | {ratios[-1]:.2f} | "
-                  f"{steady[-1]:.2f} | {local:.1f} | {wall:.1f} | {overheads[-1]:.2f} |")
+            show(f"| {repeat} | {row['round']} | {pps:.1f} | {warm:.1f} | {around:.1f} | {ratios[-1]:.2f} | "
+                 f"{steady[-1]:.2f} | {local:.1f} | {wall:.1f} | {overheads[-1]:.2f} |")
         per_repeat.append(statistics.median(ratios[-len(rows):]))
         steady_per_repeat.append(statistics.median(steady[-len(rows):]))
     around = (plain[-2] + plain[-1]) / 2
-    print(f"\nplain loop (random tensors, in run order): {', '.join(f'{p:.1f}' for p in plain)} pairs/s; "
-          f"centralized `medunic train` on the site's data: {central_pps:.1f} pairs/s (median over windows of "
-          f"{args.steps} steps), {central_pps / around:.2f} x the plain loop around it")
-    print(f"median in-round throughput / plain loop: {statistics.median(ratios):.2f} (target >= {TARGET_RATIO}); "
-          f"after {WARMUP_STEPS} steps: {statistics.median(steady):.2f}")
-    print(f"median round exchange / local compute:  {statistics.median(overheads):.2f} (target <= {TARGET_OVERHEAD})")
+    show(f"\nplain loop (random tensors, in run order): {', '.join(f'{p:.1f}' for p in plain)} pairs/s; "
+         f"centralized `medunic train` on the site's data: {central_pps:.1f} pairs/s (median over windows of "
+         f"{args.steps} steps), {central_pps / around:.2f} x the plain loop around it")
+    show(f"median in-round throughput / plain loop: {statistics.median(ratios):.2f} (target >= {TARGET_RATIO}); "
+         f"after {WARMUP_STEPS} steps: {statistics.median(steady):.2f}")
+    show(f"median round exchange / local compute:  {statistics.median(overheads):.2f} (target <= {TARGET_OVERHEAD})")
+    figures: dict[str, Any] = {
+        "preset": args.preset, "rounds": args.rounds, "steps": args.steps, "threads": threads,
+        "plain_pairs_per_s": plain, "centralized_pairs_per_s": central_pps,
+        "in_round_vs_plain": ratios, "after_warmup_vs_plain": steady, "exchange_vs_local": overheads,
+        "targets": {"in_round_vs_plain": TARGET_RATIO, "exchange_vs_local": TARGET_OVERHEAD}, "over_simulations": {}}
     if len(per_repeat) > 1:
         for what, values in (("the whole round", per_repeat), (f"after {WARMUP_STEPS} steps", steady_per_repeat)):
             d = paired_difference(values, [TARGET_RATIO] * len(values))
             verdict = {"better": "met", "worse": "not met", "not resolved": "not resolved"}[d["verdict"]]
             lo, hi = (TARGET_RATIO + c for c in d["ci"])
-            print(f"in-round / plain loop, {what}, over {len(values)} simulations (median of each): "
-                  f"{', '.join(f'{r:.2f}' for r in values)}; mean {TARGET_RATIO + d['mean']:.2f}, 95% t-interval "
-                  f"[{lo:.2f}, {hi:.2f}]: target >= {TARGET_RATIO} {verdict}")
+            figures["over_simulations"][what] = {"medians": values, "mean": TARGET_RATIO + d["mean"],
+                                                 "ci95": [lo, hi], "verdict": verdict}
+            show(f"in-round / plain loop, {what}, over {len(values)} simulations (median of each): "
+                 f"{', '.join(f'{r:.2f}' for r in values)}; mean {TARGET_RATIO + d['mean']:.2f}, 95% t-interval "
+                 f"[{lo:.2f}, {hi:.2f}]: target >= {TARGET_RATIO} {verdict}")
+    if args.results:
+        folder = Path(args.results)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "overhead.md").write_text("\n".join(lines).strip() + "\n")
+        (folder / "overhead.json").write_text(json.dumps(figures, indent=1) + "\n")
+        write_provenance(folder / "run.json", [])
 
 
 if __name__ == "__main__":
