@@ -290,7 +290,11 @@ def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:
     """The suite's paired comparisons from ``compare.json`` (values in seed order) ->
     ``paired.json``, and their table appended to ``compare.md``."""
     runs = json.loads((root / "compare.json").read_text())["runs"]
-    rows = paired_comparisons(runs, suite.comparisons, suite.compare_on or suite.columns)
+    try:
+        rows = paired_comparisons(runs, suite.comparisons, suite.compare_on or suite.columns)
+    except ValueError as exc:
+        raise ConfigError(f"{root}: {exc}; correct the suite and run the command again (it reuses the trained "
+                          "runs)") from None
     inputs = {}
     for seed in seeds:  # what each seed's runs started from (one set per seed: run_experiment sees to it)
         recorded = {json.dumps(_recorded_inputs(root / _slug(v.name) / f"seed{seed}"), sort_keys=True)

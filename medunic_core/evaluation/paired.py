@@ -95,6 +95,10 @@ def paired_comparisons(runs: Mapping[str, Mapping[str, Any]], comparisons: Seque
     out = []
     for comparison in comparisons:
         keys = list(comparison.metrics or metrics)
+        rows = [r for r in (*comparison.a, *comparison.b) if r in runs]
+        absent = [m for m in comparison.metrics if any(m not in runs[r] for r in rows)]
+        if absent:  # named by the comparison itself: a misspelt name, or an evaluation that did not run
+            raise ValueError(f"comparison '{comparison.name}': its metrics {absent} are not in every row it compares")
         a, b = _pick(comparison, runs, keys[0])
         for metric in keys:
             if metric not in runs[a] or metric not in runs[b]:

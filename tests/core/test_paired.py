@@ -53,6 +53,10 @@ def test_best_of_several_rows_is_compared_with_its_own_counterpart():
     assert "| ctr | mixed on | mixed off | m | 3 | -0.020 |" in paired_table(rows)
     with pytest.raises(ValueError, match="no rows"):
         paired_comparisons(runs, [Comparison("x", ["nope"], ["local on"])], ["m"])
+    # a metric the comparison names itself and a row lacks is a misspelt name, not a row to leave out
+    with pytest.raises(ValueError, match=r"\['zeroshot/en/auc/pneumothorx'\] are not in every row"):
+        paired_comparisons(runs, [Comparison("y", ["local on"], ["local off"], metrics=["m", "zeroshot/en/auc/pneumothorx"])],
+                           ["m"])
 
 
 @pytest.mark.parametrize("ci, higher, verdict", [
