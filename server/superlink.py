@@ -190,18 +190,19 @@ class PublicConnections:
         ``loop="asyncio"``)."""
         return _Listener(self, sock)
 
-    def admit(self, peer: Sequence) -> bool:
+    def admit(self, peer: Sequence) -> Optional[str]:
+        """The address key a new connection from ``peer`` counts against, or None where it is
+        refused."""
         key = address_key(str(peer[0]))
         if self.accepted >= self.max_open or self.by_address[key] >= self.per_address:
             _warn(key, "closed a connection from %s:%d on the public port at once: %d open, %d from %s",
                   peer[0], peer[1], self.accepted, self.by_address[key], key)
-            return False
+            return None
         self.accepted += 1
         self.by_address[key] += 1
-        return True
+        return key
 
-    def release(self, peer: Sequence) -> None:
-        key = address_key(str(peer[0]))
+    def release(self, key: str) -> None:
         self.accepted -= 1
         self.by_address[key] -= 1
         if not self.by_address[key]:
@@ -270,25 +271,26 @@ class _Listener(socket.socket):
     def accept(self) -> tuple[socket.socket, Any]:
         fd, peer = self._accept()  # type: ignore[attr-defined]
         conn = _Connection(self.family, self.type, self.proto, fileno=fd)
-        if not self.guard.admit(peer):
+        key = self.guard.admit(peer)
+        if key is None:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
             # the event loop's cue to stop accepting for this tick (it tries again at the next)
             raise ConnectionAbortedError(f"refused {peer[0]}:{peer[1]}")
-        conn.admitted = (self.guard, peer)
+        conn.admitted = (self.guard, key)
         return conn, peer
 
 
 class _Connection(socket.socket):
     """An admitted connection: closing it (asyncio does, whatever ended it) releases its place."""
 
-    admitted: Optional[tuple[PublicConnections, Any]] = None
+    admitted: Optional[tuple[PublicConnections, str]] = None  # its guard and address key
 
     def close(self) -> None:
         if self.admitted is not None:
-            guard, peer = self.admitted
+            guard, key = self.admitted
             self.admitted = None
-            guard.release(peer)
+            guard.release(key)
         super().close()
 
 

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from client.daemon import SiteSettings
 from client.daemon import start as start_site
@@ -64,6 +64,22 @@ def closed_by_server(sock: socket.socket, within: float) -> bool:
         return False
     except (ConnectionResetError, ssl.SSLError):
         return True
+
+
+def silent_connection(port: int, source: str) -> Optional[socket.socket]:
+    """A TCP connection from ``source`` to 127.0.0.1:``port`` that never sends a byte (no TLS
+    ClientHello), or None where the server reset it while it was being made."""
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    except ConnectionResetError:
+        return None
+
+
+def still_open(socks: Sequence[Optional[socket.socket]], at_most: Optional[int] = None) -> Optional[list[socket.socket]]:
+    """Those of ``socks`` the server has not closed, or None while more than ``at_most`` are
+    (a predicate for :func:`wait_until`); None entries were refused."""
+    left = [sock for sock in socks if sock is not None and not closed_by_server(sock, 0.02)]
+    return None if at_most is not None and len(left) > at_most else left
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, every: float = 0.5):

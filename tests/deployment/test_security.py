@@ -28,7 +28,7 @@ from server.superlink import (
     BUSY, IDLE_DEADLINE, MAX_BODY, MAX_CONNECTIONS_PER_ADDRESS, MAX_HELD_PER_ADDRESS, REFUSAL, TOO_LARGE)
 
 from tests.deployment.loopback import (
-    MIN_PAIRS, SITES, closed_by_server, free_port, loopback_federation, wait_until)
+    MIN_PAIRS, SITES, closed_by_server, free_port, loopback_federation, silent_connection, still_open, wait_until)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -165,18 +165,9 @@ def test_an_outsider_with_only_the_ca_cannot_run_code_control_the_run_or_join(
         # 4d: ... or connections that never start their TLS handshake, which were not counted at
         # all (one address held every one it opened, for asyncio's 60 s handshake timeout, again
         # and again): from 127.0.0.3 too, at most MAX_CONNECTIONS_PER_ADDRESS stay open
-        def silent() -> socket.socket | None:
-            try:
-                return socket.create_connection(("127.0.0.1", lb.port), timeout=30, source_address=("127.0.0.3", 0))
-            except ConnectionResetError:  # reset by the server while being made: refused
-                return None
-
-        def still_open() -> list[socket.socket] | None:
-            left = [sock for sock in opened if sock is not None and not closed_by_server(sock, 0.01)]
-            return left if len(left) <= MAX_CONNECTIONS_PER_ADDRESS else None
-
-        opened = [silent() for _ in range(2 * MAX_CONNECTIONS_PER_ADDRESS)]
-        stayed = wait_until(still_open, 30, "the silent connections beyond the address's bound closed")
+        opened = [silent_connection(lb.port, "127.0.0.3") for _ in range(2 * MAX_CONNECTIONS_PER_ADDRESS)]
+        stayed = wait_until(lambda: still_open(opened, at_most=MAX_CONNECTIONS_PER_ADDRESS), 30,
+                            "the silent connections beyond the address's bound closed")
         assert len(stayed) == MAX_CONNECTIONS_PER_ADDRESS
         for sock in stayed:
             sock.close()

@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import pytest
 import uvicorn
@@ -23,7 +23,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from server.certs import create_all
 from server.superlink import (
     BUSY, MAX_BODY, REFUSAL, TOO_LARGE, TOO_SLOW, FleetOnly, PerAddressLogLimit, PublicConnections, address_key, bind)
-from tests.deployment.loopback import closed_by_server, free_port, wait_until
+from tests.deployment.loopback import closed_by_server, free_port, silent_connection, still_open, wait_until
 
 FLEET = "/v1/fleet/push-object"
 
@@ -162,19 +162,10 @@ def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
 
 
-def _silent(port: int, source: str) -> Optional[socket.socket]:
-    """A TCP connection that never sends a byte (no TLS ClientHello), or None where the server
-    reset it while it was being made."""
-    try:
-        return _connect(port, source)
-    except ConnectionResetError:
-        return None
-
-
 def _refused(port: int, source: str = "127.0.0.1") -> bool:
     """Whether a new connection from ``source`` is closed by the server as it is made (the
     reset can arrive before ``connect`` returns, or just after)."""
-    sock = _silent(port, source)
+    sock = silent_connection(port, source)
     return sock is None or closed_by_server(sock, 5.0)
 
 
@@ -216,18 +207,10 @@ def test_connections_are_bounded_before_their_tls_handshake(listener, tmp_path):
     address held as many connections, and file descriptors, as it opened (all 200 of a try
     at 65e9d88): the limits now count a connection from the moment the kernel hands it over."""
     public, _, seen = listener
-
-    def still_open(socks: list) -> list[socket.socket]:
-        return [sock for sock in socks if sock is not None and not closed_by_server(sock, 0.02)]
-
-    def at_most(socks: list, bound: int) -> Optional[list[socket.socket]]:
-        left = still_open(socks)
-        return left if len(left) <= bound else None
-
-    attacker = [_silent(public, "127.0.0.2") for _ in range(50)]
+    attacker = [silent_connection(public, "127.0.0.2") for _ in range(50)]
     # the rest are closed as the server accepts them, before any TLS byte
-    held = wait_until(lambda: at_most(attacker, 4), 20, "the connections beyond the address's 4 closed")
-    others = [_silent(public, "127.0.0.3") for _ in range(2)]
+    held = wait_until(lambda: still_open(attacker, at_most=4), 20, "the connections beyond the address's 4 closed")
+    others = [silent_connection(public, "127.0.0.3") for _ in range(2)]
     assert _refused(public, "127.0.0.3")  # 6 in all: a seventh is closed
     assert len(held) == 4 and len(still_open([*held, *others])) == 6
     for sock in others:
@@ -242,7 +225,7 @@ def test_connections_are_bounded_before_their_tls_handshake(listener, tmp_path):
     for sock in held:
         sock.close()
     time.sleep(0.3)
-    assert [_silent(public, "127.0.0.2") is not None for _ in range(4)] == [True] * 4  # their places are free again
+    assert [silent_connection(public, "127.0.0.2") is not None for _ in range(4)] == [True] * 4  # their places are free again
 
 
 def test_per_address_limits_count_an_ipv6_slash_64_as_one_address():
