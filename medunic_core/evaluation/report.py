@@ -104,8 +104,9 @@ def summary_metrics(results: Results) -> dict[str, Optional[float]]:
             out[f"zeroshot/{lang}/auc/{finding}"] = auc
     for fraction, metrics in results.get("linear_probe", {}).items():
         out[f"linear_probe/{_fraction_label(fraction)}/macro_auc"] = metrics.get("mean")
-    if "text_probe" in results:
-        out["text_probe/macro_auc"] = results["text_probe"].get("mean")
+    for key in ("text_probe", "image_embedding_probe"):
+        if key in results:
+            out[f"{key}/macro_auc"] = results[key].get("mean")
     for key, value in results.get("heldout_loss", {}).items():
         out[f"heldout_loss/{key}"] = value
     if "seconds" in results:  # the training's wall time, where an experiment recorded it
@@ -168,13 +169,17 @@ def format_eval_markdown(results: Results) -> str:
         notes = [n for m in probe.values() for n in m.get("notes", [])]
         lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] + ([""] if notes else [])
 
-    text_probe = results.get("text_probe")
-    if text_probe:
-        lines += ["## Linear probe on report embeddings (P_l, all training labels)", "",
-                  "How much of each finding the report embeddings hold; a low value means the text "
-                  "tower, not the images, limits zero-shot and retrieval.", ""]
-        per = text_probe.get("per_finding", {})
-        lines += _table(["macro AUC", *per], [[text_probe.get("mean"), *per.values()]]) + [""]
+    embedding_probes = {name: results[key] for key, name in (("image_embedding_probe", "images (P_V)"),
+                                                             ("text_probe", "reports (P_l)")) if key in results}
+    if embedding_probes:
+        lines += ["## Linear probe on the embeddings (all training labels)", "",
+                  "How much of each finding the joint space holds, where zero-shot and retrieval score. "
+                  "Below the image-feature probe, the projection loses a finding the image encoder "
+                  "has; low on the reports, the text tower limits zero-shot and retrieval.", ""]
+        per = next(iter(embedding_probes.values())).get("per_finding", {})
+        rows = [[name, probe.get("mean"), *(probe.get("per_finding", {}).get(f) for f in per)]
+                for name, probe in embedding_probes.items()]
+        lines += _table(["embeddings", "macro AUC", *per], rows) + [""]
 
     for kind, path in results.get("tsne", {}).items():
         lines += [f"## t-SNE ({kind})", "", f"![t-SNE of {kind} embeddings]({path})", ""]

@@ -265,7 +265,12 @@ def evaluate_model(
                                              results["embeddings"]["text"], label_matrix(reported, FINDINGS),
                                              [1.0], [0])[1.0]
     if full and train:
-        train_feat = encoder.images(train, cache, progress)[1]
+        train_emb, train_feat = encoder.images(train, cache, progress)
+        if not cfg.dp.sgd.enabled:
+            # The same probe on the image embeddings (P_V), the space zero-shot scores in:
+            # against the probe of the features below, what the projection keeps of each finding.
+            results["image_embedding_probe"] = linear_probe(train_emb, label_matrix(train, FINDINGS), img_emb,
+                                                            labels, [1.0], [0])[1.0]
         if cfg.dp.sgd.enabled:  # the probe's labels are private data too: DP-SGD
             results["linear_probe"] = dp_linear_probe(
                 train_feat, label_matrix(train, FINDINGS), img_feat, labels, cfg.dp.sgd,

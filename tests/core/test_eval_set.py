@@ -54,6 +54,8 @@ def test_an_evaluation_takes_its_held_out_rows_from_the_fixed_set(synthetic_data
     assert results["meta"]["n_test"] == 60  # the set's rows, not the training data's test split
     assert results["retrieval"]["en->es"]["n_excluded"] == 0  # every query has its own case to find
     assert results["meta"]["n_train"] > 0  # the probe and the community statistics still use the training rows
-    # the report embeddings are probed too: trained on the training reports, scored on the set's
+    # the image and report embeddings are probed too: trained on the training rows, scored on the set's
     assert results["text_probe"]["n_train"]["edema"] == results["meta"]["n_train"]
-    assert "Linear probe on report embeddings" in (tmp_path / "eval" / "eval.md").read_text()
+    assert results["image_embedding_probe"]["n_train"]["edema"] == results["meta"]["n_train"]
+    report = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| reports (P_l) |" in report and "| images (P_V) |" in report
