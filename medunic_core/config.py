@@ -46,6 +46,7 @@ class TextConfig:
     dropout: float = 0.1  # stays on in training: CTR needs two dropout views of a report
     freeze_embeddings: bool = True
     freeze_layers: int = 9  # paper: embeddings + layers 0-8 of 12 frozen
+    pooling: str = "cls"  # report embedding: "cls" (paper: the [CLS] state) or "mean" of the tokens' states
 
 
 @dataclass
@@ -268,6 +269,7 @@ class MedUniCConfig:
 
 # String fields that take one of a few values; checked whenever a config is loaded.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.text.pooling": ("cls", "mean"),
     "align.train_norm": ("local", "mixed"),
     "align.eval_norm": ("global", "community"),
     "align.round1": ("stats", "local"),

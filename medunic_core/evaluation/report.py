@@ -102,6 +102,8 @@ def summary_metrics(results: Results) -> dict[str, Optional[float]]:
             out[f"zeroshot/{lang}/{key}"] = metrics.get(key)
         for finding, auc in (metrics.get("auc") or {}).items():
             out[f"zeroshot/{lang}/auc/{finding}"] = auc
+    for lang, metrics in results.get("report_zeroshot", {}).items():
+        out[f"report_zeroshot/{lang}/macro_auc"] = metrics.get("macro_auc")
     for fraction, metrics in results.get("linear_probe", {}).items():
         out[f"linear_probe/{_fraction_label(fraction)}/macro_auc"] = metrics.get("mean")
     for key in ("text_probe", "image_embedding_probe"):
@@ -132,6 +134,15 @@ def format_eval_markdown(results: Results) -> str:
                 + [m.get("auc", {}).get(f) for f in findings] for lang, m in zeroshot.items()]
         lines += _table(["lang", "macro AUC", "macro F1", "accuracy"]
                         + [f"AUC {f}" for f in findings], rows) + [""]
+        by_reports = results.get("report_zeroshot", {})
+        if by_reports:
+            lines += ["The same, each language's training reports in place of its prompts (the class "
+                      "embedding of the reports stating a finding against those that do not). Above the "
+                      "prompts, the prompts lose what the reports hold; near them, the alignment of images "
+                      "and reports limits zero-shot.", ""]
+            rows = [[lang, m.get("macro_auc")] + [m.get("auc", {}).get(f) for f in findings]
+                    for lang, m in by_reports.items()]
+            lines += _table(["lang (reports)", "macro AUC"] + [f"AUC {f}" for f in findings], rows) + [""]
 
     retrieval = results.get("retrieval", {})
     if retrieval:

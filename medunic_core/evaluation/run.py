@@ -31,7 +31,9 @@ from medunic_core.evaluation.linear_probe import dp_linear_probe, linear_probe
 from medunic_core.evaluation.prompts import load_prompts
 from medunic_core.evaluation.report import format_eval_markdown, plot_tsne, write_eval_report
 from medunic_core.evaluation.retrieval import cross_lingual_retrieval
-from medunic_core.evaluation.zeroshot import class_embedding, label_matrix, zeroshot_metrics
+from medunic_core.evaluation.zeroshot import (
+    class_embedding, label_matrix, report_class_embeddings, zeroshot_metrics,
+)
 from medunic_core.models import MedUniC, create_model
 from medunic_core.train import forward_loss, resolve_device
 from medunic_core.vocab import load_tokenizer
@@ -261,9 +263,20 @@ def evaluate_model(
         # How much of each finding the report embeddings hold, whatever the images do: where
         # this is low, the text tower limits zero-shot and retrieval (issue 12's diagnosis).
         train_text = encoder.texts([r.report for r in train_reported], [r.lang for r in train_reported])[0]
-        results["text_probe"] = linear_probe(train_text, label_matrix(train_reported, FINDINGS),
+        train_labels = label_matrix(train_reported, FINDINGS)
+        results["text_probe"] = linear_probe(train_text, train_labels,
                                              results["embeddings"]["text"], label_matrix(reported, FINDINGS),
                                              [1.0], [0])[1.0]
+        # Zero-shot with each language's training reports in place of its prompts: where it
+        # beats the prompts, the prompts limit zero-shot; where it does not, the alignment does.
+        results["report_zeroshot"] = {}
+        for lang in prompt_langs:
+            own = np.array([r.lang == lang for r in train_reported])
+            pos, neg, kept = report_class_embeddings(train_text[own], train_labels[own])
+            if kept:
+                results["report_zeroshot"][lang] = zeroshot_metrics(
+                    img_emb, pos, neg, labels[:, [FINDINGS.index(f) for f in kept]], cfg.loss.temperature, kept
+                )
     if full and train:
         train_emb, train_feat = encoder.images(train, cache, progress)
         if not cfg.dp.sgd.enabled:

@@ -53,6 +53,30 @@ def class_embedding(prompt_embeddings: Any) -> np.ndarray:
     return l2_normalize(emb.mean(axis=0))
 
 
+def report_class_embeddings(
+    report_emb: Any, labels: Any, findings: Sequence[str] = FINDINGS
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Class embeddings from labelled reports instead of prompts: for each finding, the
+    :func:`class_embedding` of the reports that state it (positive) and of those that do not
+    (negative). Scored like prompts, they show how much of zero-shot the prompts lose against
+    the reports the model was trained on (README, "Status").
+
+    Returns K' x d positive and negative embeddings and the K' findings that have reports of
+    both classes (the others have no direction to score along).
+    """
+    emb, y = as_array(report_emb), as_array(labels)
+    pos, neg, kept = [], [], []
+    for k, finding in enumerate(findings):
+        present, absent = y[:, k] == 1, y[:, k] == 0
+        if present.any() and absent.any():
+            pos.append(class_embedding(emb[present]))
+            neg.append(class_embedding(emb[absent]))
+            kept.append(finding)
+    if not kept:
+        return np.zeros((0, emb.shape[1])), np.zeros((0, emb.shape[1])), kept
+    return np.stack(pos), np.stack(neg), kept
+
+
 def zeroshot_probs(image_emb: Any, pos_emb: Any, neg_emb: Any, temperature: float) -> np.ndarray:
     """N x K probability of "present": softmax over (pos, neg) cosine similarity / T.
 

@@ -83,7 +83,12 @@ def load_pretrained_text(folder: str | Path, vocab_size: int, model_class=AutoMo
 
 
 class TextEncoder(nn.Module):
-    """F_l: a BERT-style encoder; the report embedding is the last layer's [CLS] state."""
+    """F_l: a BERT-style encoder; the report embedding is the last layer's [CLS] state
+    (the paper's) or, with ``pooling="mean"``, the mean of its token states over the mask.
+
+    A BERT trained from scratch for a few hundred steps puts much less of a report into
+    [CLS] than into its tokens (README, "Status"); mean pooling reads the tokens directly.
+    """
 
     def __init__(self, cfg: TextConfig, vocab_size: int, pad_token_id: int = 0) -> None:
         super().__init__()
@@ -92,6 +97,7 @@ class TextEncoder(nn.Module):
         else:
             self.bert = BertModel(bert_config(cfg, vocab_size, pad_token_id), add_pooling_layer=False)
         self.out_dim: int = int(self.bert.config.hidden_size)
+        self.pooling = cfg.pooling
         self.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
 
     def layers(self) -> nn.ModuleList:
@@ -113,6 +119,9 @@ class TextEncoder(nn.Module):
             layer.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask (N, L) -> [CLS] state of the last layer (N, hidden)."""
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state[:, 0]
+        """input_ids, attention_mask (N, L) -> the pooled last layer (N, hidden)."""
+        states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return states[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -20,6 +20,7 @@ from medunic_core.evaluation.retrieval import chance_recall, cross_lingual_retri
 from medunic_core.evaluation.zeroshot import (
     class_embedding,
     label_matrix,
+    report_class_embeddings,
     zeroshot_metrics,
     zeroshot_probs,
 )
@@ -115,6 +116,21 @@ def test_zeroshot_mixed_example_matches_hand_count() -> None:
 def test_class_embedding_averages_normalised_prompts() -> None:
     emb = class_embedding(np.array([[2.0, 0.0], [0.0, 5.0]]))
     assert np.allclose(emb, [math.sqrt(0.5), math.sqrt(0.5)])
+
+
+def test_report_class_embeddings_average_each_class_and_skip_one_class_findings() -> None:
+    reports = np.array([[3.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 1.0]])
+    # finding a: reports 0 and 3 state it; b: nobody states it (no direction); c: unknown in row 3
+    labels = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 1], [1, 0, np.nan]])
+    pos, neg, kept = report_class_embeddings(reports, labels, ["a", "b", "c"])
+    assert kept == ["a", "c"]
+    assert np.allclose(pos[0], class_embedding(reports[[0, 3]])) and np.allclose(neg[0], [0.0, 1.0])
+    assert np.allclose(pos[1], [0.0, 1.0]) and np.allclose(neg[1], [1.0, 0.0])  # row 3 counts on neither side
+    # scored like prompts: images along a report class's direction rank first
+    out = zeroshot_metrics(np.array([[1.0, 0.1], [0.1, 1.0]]), pos[:1], neg[:1], np.array([[1], [0]]), 0.07, ["a"])
+    assert out["auc"]["a"] == 1.0
+    empty = report_class_embeddings(reports, np.zeros((4, 1)), ["a"])
+    assert empty[2] == [] and empty[0].shape == (0, 2)
 
 
 def test_label_matrix_marks_missing_findings_unknown() -> None:

@@ -57,5 +57,9 @@ def test_an_evaluation_takes_its_held_out_rows_from_the_fixed_set(synthetic_data
     # the image and report embeddings are probed too: trained on the training rows, scored on the set's
     assert results["text_probe"]["n_train"]["edema"] == results["meta"]["n_train"]
     assert results["image_embedding_probe"]["n_train"]["edema"] == results["meta"]["n_train"]
+    # zero-shot with each language's training reports in place of its prompts, beside the prompts'
+    assert set(results["report_zeroshot"]) == set(results["zeroshot"]) == {"en", "es"}
+    assert set(results["report_zeroshot"]["es"]["auc"]) <= set(results["zeroshot"]["es"]["auc"])
     report = (tmp_path / "eval" / "eval.md").read_text()
     assert "| reports (P_l) |" in report and "| images (P_V) |" in report
+    assert "| lang (reports) |" in report

@@ -64,3 +64,20 @@ def test_trainable_parameters_exclude_frozen_layers():
     assert not any(n.startswith("text_encoder.bert.embeddings") for n in names)
     assert not any(".encoder.layer.0." in n for n in names)
     assert any(".encoder.layer.1." in n for n in names)
+
+
+def test_text_pooling_cls_or_mean_of_unmasked_tokens():
+    ids = torch.tensor([[1, 5, 6, 7, 2]])
+    padded, mask = torch.tensor([[1, 5, 6, 7, 2, 0, 0]]), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    torch.manual_seed(0)
+    cls_model = create_model(load_config("tiny").model, vocab_size=40).text_encoder.eval()
+    mean_model = create_model(load_config("tiny", ["model.text.pooling=mean"]).model, vocab_size=40).text_encoder.eval()
+    mean_model.load_state_dict(cls_model.state_dict())  # pooling has no weights: same encoder
+    with torch.no_grad():
+        states = cls_model.bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        assert torch.allclose(cls_model(ids, torch.ones_like(ids)), states[:, 0])
+        assert torch.allclose(mean_model(ids, torch.ones_like(ids)), states.mean(1), atol=1e-6)
+        # padding changes nothing: the mean runs over the attention mask only
+        assert torch.allclose(mean_model(padded, mask), mean_model(ids, torch.ones_like(ids)), atol=1e-5)
+    with pytest.raises(ConfigError, match="model.text.pooling"):
+        load_config("tiny", ["model.text.pooling=max"])
