@@ -46,6 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 from medunic_core.cli import add_config_args
 from medunic_core.config import CONFIG_DIR, load_config
 from medunic_core.errors import ConfigError
+from medunic_core.data.manifest import deal, read_manifest, write_manifest
 from medunic_core.data.synthetic.generator import MANIFEST_NAME, default_workers, generate_eval_set
 from medunic_core.evaluation.paired import Comparison, paired_comparisons, paired_table
 from medunic_core.evaluation.report import write_comparison
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SUITES_DIR = CONFIG_DIR / "experiments"
 KINDS = ("centralized", "federated")
+PARTITIONS = ("", "dealt")
 HEADLINE = (  # DESIGN.md's order: retrieval first, then community bias, then zero-shot
     "retrieval/mean/R@1", "retrieval/mean/R@5", "retrieval/mean/chance@5",
     "bias/text/lang_mean_dist_over_spread", "bias/text/silhouette_lang",
@@ -73,6 +75,9 @@ class Variant:
     kind: str = MISSING  # centralized | federated
     overrides: list[str] = field(default_factory=list)
     sites: str = ""  # the sites it federates (or whose budget a centralized run gets); "" = the experiment's
+    # which pairs its sites hold: "" each row's own site; "dealt": the experiment's pairs dealt over this
+    # variant's sites in turn (medunic_core.data.manifest.deal), the same pairs split another way
+    partition: str = ""
 
 
 @dataclass
@@ -104,6 +109,11 @@ def load_suite(name: str) -> Suite:
     bad = [v.name for v in suite.variants if v.kind not in KINDS]
     if bad or not suite.variants:
         raise ConfigError(f"{path}: every variant needs kind one of {KINDS} (not: {bad}), and a suite needs variants")
+    bad = [v.name for v in suite.variants if v.partition not in PARTITIONS
+           or (v.partition and (v.kind != "federated" or not v.sites))]
+    if bad:
+        raise ConfigError(f"{path}: variants {bad}: partition is one of {PARTITIONS}, and 'dealt' is for a federated "
+                          "variant with its own sites")
     for spec in filter(None, (suite.sites, *(v.sites for v in suite.variants))):
         try:
             parse_site_specs(spec)
@@ -271,10 +281,12 @@ def run_experiment(
                                                                          f"train.max_steps={budget}"]),
                                                     progress=progress), recorded)
             else:
+                data = [f"data.manifest={_dealt(manifest, members, root / 'shared')}"] if variant.partition else []
+
                 def federate() -> None:
                     if not (model / "checkpoint.pt").is_file():  # an interrupted experiment resumes
-                        simulate(preset, [*common, f"fed.out_dir={run}", "eval.tsne=false"], members, pairs_per_site,
-                                 progress, stage="vlp")
+                        simulate(preset, [*common, *data, f"fed.out_dir={run}", "eval.tsne=false"], members,
+                                 pairs_per_site, progress, stage="vlp")
                 seconds = _timed(run, federate, recorded)
             for norm, res in _evaluate(model, suite.eval_norms, evaluation, progress).items():
                 rows.setdefault(f"{variant.name} / eval {norm}", []).append({**res, "seconds": seconds})
@@ -284,6 +296,15 @@ def run_experiment(
         write_paired(root, suite, seeds)
     print((root / "compare.md").read_text())
     return rows
+
+
+def _dealt(manifest: Path, sites: str, folder: Path) -> Path:
+    """The experiment's pairs dealt over ``sites`` (a variant's ``partition: dealt``), in a
+    manifest of their own named by those sites; image paths stay the original files."""
+    names = [name for name, _ in parse_sites(sites)]
+    path = folder / f"manifest-dealt-{_slug('-'.join(names))}.jsonl"
+    write_manifest(deal(read_manifest(manifest.resolve()), names), path)  # absolute image paths stay absolute
+    return path.resolve()
 
 
 def write_paired(root: Path, suite: Suite, seeds: Sequence[int]) -> Path:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from medunic_core.constants import LANGUAGES, MANIFEST_FIELDS, SPLITS
 from medunic_core.errors import SiteDataError
@@ -232,3 +232,19 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
                 fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+def deal(records: Iterable[Record], sites: Sequence[str]) -> list[Record]:
+    """The same pairs, in the same order, dealt to ``sites`` in turn within each language and
+    split, so that every site holds an equal share of every language (an IID partition of a
+    federation's data: ``medunic experiment``'s ``partition: dealt``). Only ``site`` changes:
+    training on the union sees the same rows as before."""
+    if not sites:
+        raise ValueError("deal: no sites to deal the pairs to")
+    seen: dict[tuple[str, str], int] = {}
+    dealt = []
+    for rec in records:
+        k = seen.get((rec.lang, rec.split), 0)
+        seen[(rec.lang, rec.split)] = k + 1
+        dealt.append(replace(rec, site=sites[k % len(sites)]))
+    return dealt

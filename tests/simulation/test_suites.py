@@ -29,7 +29,7 @@ def test_the_diagnosis_gives_every_run_the_same_total_budget():
     assert set(budgets.values()) == {250}, budgets
 
 
-@pytest.mark.parametrize("name", ["default", "iid-mixed"])
+@pytest.mark.parametrize("name", ["default", "iid-mixed", "bilingual-sites"])
 def test_every_run_of_a_suite_sees_the_same_pairs(name):
     """Steps x batch is the same for every variant: a centralized run at the federation's
     sequential steps takes fewer, larger batches, never fewer pairs."""
@@ -106,3 +106,26 @@ def test_an_experiment_records_its_command_commit_machine_and_seeds(tmp_path):
     assert record["seeds"] == [3, 1] and record["command"] and record["date"]
     assert record["commit"] != "unknown"  # this checkout is a git repository
     assert "cores" in record["machine"] and "torch" in record["machine"]
+
+
+def test_the_bilingual_sites_suite_splits_the_same_pairs_another_way():
+    """Its by-language and centralized runs are parity-mean's (same names and settings, so
+    recorded runs are reused); its bilingual federation differs only by the split."""
+    suite, parity = load_suite("bilingual-sites"), load_suite("parity-mean")
+    assert (suite.sites, suite.overrides, suite.mlm_steps) == (parity.sites, parity.overrides, parity.mlm_steps)
+    assert [v for v in suite.variants if v.name in {p.name for p in parity.variants}] == list(parity.variants)
+    (bilingual,) = [v for v in suite.variants if v.partition == "dealt"]
+    assert not bilingual.overrides and all(lang == "en+es" for _, lang in parse_sites(bilingual.sites))
+    assert len(parse_sites(bilingual.sites)) == len(parse_sites(suite.sites or DEFAULT_SITES))
+
+
+@pytest.mark.parametrize("variant", [
+    "{name: x, kind: federated, sites: 'a:en+es,b:en+es', partition: random}",
+    "{name: x, kind: centralized, sites: 'a:en+es,b:en+es', partition: dealt}",
+    "{name: x, kind: federated, partition: dealt}",
+])
+def test_a_partition_is_dealt_to_a_federated_variants_own_sites(tmp_path, variant):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"variants:\n  - {variant}\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*partition"):
+        load_suite(str(bad))
