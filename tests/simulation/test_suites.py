@@ -29,7 +29,7 @@ def test_the_diagnosis_gives_every_run_the_same_total_budget():
     assert set(budgets.values()) == {250}, budgets
 
 
-@pytest.mark.parametrize("name", ["default", "iid-mixed", "bilingual-sites"])
+@pytest.mark.parametrize("name", ["default", "iid-mixed", "bilingual-sites", "local-batch"])
 def test_every_run_of_a_suite_sees_the_same_pairs(name):
     """Steps x batch is the same for every variant: a centralized run at the federation's
     sequential steps takes fewer, larger batches, never fewer pairs."""
