@@ -261,6 +261,8 @@ def run_experiment(
         evaluation.append(f"eval.manifest={eval_manifest}")
         inputs["eval_manifest"] = file_sha256(eval_manifest)
     _write_inputs(root, inputs)
+    dealt = {v.name: [f"data.manifest={_dealt(manifest, v.sites, root / 'shared')}"] for v in suite.variants
+             if v.partition}  # once: the same for every seed
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
@@ -281,12 +283,10 @@ def run_experiment(
                                                                          f"train.max_steps={budget}"]),
                                                     progress=progress), recorded)
             else:
-                data = [f"data.manifest={_dealt(manifest, members, root / 'shared')}"] if variant.partition else []
-
                 def federate() -> None:
                     if not (model / "checkpoint.pt").is_file():  # an interrupted experiment resumes
-                        simulate(preset, [*common, *data, f"fed.out_dir={run}", "eval.tsne=false"], members,
-                                 pairs_per_site, progress, stage="vlp")
+                        simulate(preset, [*common, *dealt.get(variant.name, []), f"fed.out_dir={run}",
+                                          "eval.tsne=false"], members, pairs_per_site, progress, stage="vlp")
                 seconds = _timed(run, federate, recorded)
             for norm, res in _evaluate(model, suite.eval_norms, evaluation, progress).items():
                 rows.setdefault(f"{variant.name} / eval {norm}", []).append({**res, "seconds": seconds})
