@@ -180,10 +180,11 @@ def started_runs(runs: Sequence[Path]) -> dict[Path, Optional[dict[str, str]]]:
 def stale_runs(started: dict[Path, Optional[dict[str, str]]], inputs: dict[str, str], variants: int) -> list[Path]:
     """The started runs of one seed (run -> its recorded inputs) that cannot be paired with
     what this experiment trains now from ``inputs``: none when the seed is complete (all
-    ``variants`` runs) from one known set of inputs, else every run from other or unknown
-    inputs."""
+    ``variants`` runs) from one known set of inputs evaluated on this experiment's set, else
+    every run from other or unknown inputs."""
     known = [json.dumps(v, sort_keys=True) for v in started.values() if v is not None]
-    if len(started) == variants and len(known) == variants and len(set(known)) == 1:
+    same_set = all(v.get("eval_manifest") == inputs.get("eval_manifest") for v in started.values() if v is not None)
+    if len(started) == variants and len(known) == variants and len(set(known)) == 1 and same_set:
         return []
     return [run for run, recorded in started.items() if recorded != inputs]
 
@@ -201,6 +202,32 @@ def _set_aside(run: Path, inputs: dict[str, str]) -> None:
                     f"{k} {recorded.get(k, 'unknown')[:8]} here {inputs.get(k, 'none')[:8]}" for k in changed),
                 aside.name)
     run.rename(aside)
+
+
+def evaluated_elsewhere(model: Path, recorded: Optional[dict[str, str]], inputs: dict[str, str]) -> bool:
+    """A run trained from this experiment's inputs, with its weights, whose evaluations were
+    made on another evaluation set (``eval_manifest``, none: the sites' own test split): it
+    is evaluated again, not trained again, and not reused with another set's figures."""
+    def trained_from(found: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in found.items() if k != "eval_manifest"}
+
+    return (recorded is not None and recorded.get("eval_manifest") != inputs.get("eval_manifest")
+            and trained_from(recorded) == trained_from(inputs) and (model / "checkpoint.pt").is_file())
+
+
+def _evaluate_again(run: Path, model: Path, inputs: dict[str, str]) -> None:
+    """Set the run's evaluations aside (``eval-<norm>.other-eval-set``) and record today's
+    inputs, so that the seed loop evaluates its weights on this experiment's set."""
+    old = (_recorded_inputs(run) or {}).get("eval_manifest", "none (the sites' test split)")
+    for records in sorted(p for p in model.glob("eval-*") if p.is_dir() and "." not in p.name):
+        aside, n = records.with_name(f"{records.name}.other-eval-set"), 1
+        while aside.exists():
+            n += 1
+            aside = records.with_name(f"{records.name}.other-eval-set-{n}")
+        records.rename(aside)
+    _write_inputs(run, inputs)
+    log.warning("%s was evaluated on another evaluation set (eval_manifest %s here %s): its weights are kept and "
+                "evaluated again", run, old[:8], inputs.get("eval_manifest", "none")[:8])
 
 
 def _timed(run: Path, work: Callable[[], Any], recorded: bool) -> float:
@@ -266,6 +293,10 @@ def run_experiment(
     rows: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
+        for variant, run in zip(suite.variants, runs):
+            model = run if variant.kind == "centralized" else run / "model"
+            if evaluated_elsewhere(model, _recorded_inputs(run), inputs):
+                _evaluate_again(run, model, inputs)
         for run in stale_runs(started_runs(runs), inputs, len(runs)):
             _set_aside(run, inputs)
         for variant, run in zip(suite.variants, runs):

@@ -29,7 +29,7 @@ def test_the_diagnosis_gives_every_run_the_same_total_budget():
     assert set(budgets.values()) == {250}, budgets
 
 
-@pytest.mark.parametrize("name", ["default", "iid-mixed", "bilingual-sites", "local-batch"])
+@pytest.mark.parametrize("name", ["default", "iid-mixed", "bilingual-sites", "local-batch", "parity-1000"])
 def test_every_run_of_a_suite_sees_the_same_pairs(name):
     """Steps x batch is the same for every variant: a centralized run at the federation's
     sequential steps takes fewer, larger batches, never fewer pairs."""
@@ -117,6 +117,15 @@ def test_the_bilingual_sites_suite_splits_the_same_pairs_another_way():
     (bilingual,) = [v for v in suite.variants if v.partition == "dealt"]
     assert not bilingual.overrides and all(lang == "en+es" for _, lang in parse_sites(bilingual.sites))
     assert len(parse_sites(bilingual.sites)) == len(parse_sites(suite.sites or DEFAULT_SITES))
+
+
+def test_the_parity_1000_suite_is_local_batchs_candidate_on_the_fixed_set():
+    """Its two runs are local-batch's (same names and settings: trained runs are reused and
+    evaluated again on the 1000 cases); only the evaluation set differs."""
+    suite, local = load_suite("parity-1000"), load_suite("local-batch")
+    assert (suite.sites, suite.overrides, suite.mlm_steps) == (local.sites, local.overrides, local.mlm_steps)
+    assert list(suite.variants) == [v for v in local.variants if v.name in {w.name for w in suite.variants}]
+    assert len(suite.variants) == 2 and (suite.eval_set, local.eval_set) == (1000, 0)
 
 
 @pytest.mark.parametrize("variant", [
