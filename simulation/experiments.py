@@ -218,7 +218,7 @@ def evaluated_elsewhere(model: Path, recorded: Optional[dict[str, str]], inputs:
 def _evaluate_again(run: Path, model: Path, inputs: dict[str, str]) -> None:
     """Set the run's evaluations aside (``eval-<norm>.other-eval-set``) and record today's
     inputs, so that the seed loop evaluates its weights on this experiment's set."""
-    old = (_recorded_inputs(run) or {}).get("eval_manifest", "none (the sites' test split)")
+    old = (_recorded_inputs(run) or {}).get("eval_manifest", "none")
     for records in sorted(p for p in model.glob("eval-*") if p.is_dir() and "." not in p.name):
         aside, n = records.with_name(f"{records.name}.other-eval-set"), 1
         while aside.exists():
@@ -230,14 +230,14 @@ def _evaluate_again(run: Path, model: Path, inputs: dict[str, str]) -> None:
                 "evaluated again", run, old[:8], inputs.get("eval_manifest", "none")[:8])
 
 
-def _timed(run: Path, work: Callable[[], Any], recorded: bool) -> float:
+def _timed(run: Path, work: Callable[[], Any], trained: bool) -> float:
     """Seconds ``work`` took, kept in ``run/seconds.json`` (a reused run keeps its own).
-    ``recorded``: the run's evaluations are written too, so it needs neither ``work`` nor
-    its weights."""
+    ``trained``: the run's evaluations or its final weights are there, so a run with its
+    seconds needs no ``work`` (weights moved from another folder need not resume there)."""
     record = run / "seconds.json"
     if record.is_file():
-        if not recorded:
-            work()  # returns at once for a finished run
+        if not trained:
+            work()  # neither records nor weights left: trained again
         return float(json.loads(record.read_text())["seconds"])
     t0 = time.perf_counter()
     work()
@@ -308,17 +308,18 @@ def run_experiment(
             vcfg = load_config(preset, common)
             budget = vcfg.fed.rounds * vcfg.fed.local_steps * len(parse_sites(members))
             model = run if variant.kind == "centralized" else run / "model"
-            recorded = all((model / f"eval-{norm}" / "eval.json").is_file() for norm in suite.eval_norms)
+            trained = (all((model / f"eval-{norm}" / "eval.json").is_file() for norm in suite.eval_norms)
+                       or (model / "checkpoint.pt").is_file())  # with seconds.json: the final weights
             if variant.kind == "centralized":  # the federation's total site steps, in one run
                 seconds = _timed(run, lambda: train(load_config(preset, [*common, f"train.out_dir={run}",
                                                                          f"train.max_steps={budget}"]),
-                                                    progress=progress), recorded)
+                                                    progress=progress), trained)
             else:
                 def federate() -> None:
                     if not (model / "checkpoint.pt").is_file():  # an interrupted experiment resumes
                         simulate(preset, [*common, *dealt.get(variant.name, []), f"fed.out_dir={run}",
                                           "eval.tsne=false"], members, pairs_per_site, progress, stage="vlp")
-                seconds = _timed(run, federate, recorded)
+                seconds = _timed(run, federate, trained)
             for norm, res in _evaluate(model, suite.eval_norms, evaluation, progress).items():
                 rows.setdefault(f"{variant.name} / eval {norm}", []).append({**res, "seconds": seconds})
             write_comparison(rows, root, by_run=True, preamble=_preamble(cfg, seeds, sites, steps),
