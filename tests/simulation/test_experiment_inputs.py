@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
-from simulation.experiments import INPUTS, _evaluate_again, _set_aside, evaluated_elsewhere, stale_runs, started_runs
+from simulation.experiments import (INPUTS, _evaluate_again, _set_aside, _timed, evaluated_elsewhere, stale_runs,
+                                   started_runs)
 
 HERE = {"text_encoder": "15a3" * 16, "vocab": "faf2" * 16}
 THERE = {"text_encoder": "069f" * 16, "vocab": "faf2" * 16}
@@ -122,3 +123,12 @@ def test_only_a_run_trained_from_todays_inputs_with_its_weights_is_evaluated_aga
     assert not evaluated_elsewhere(model, None, today)  # unknown inputs
     (model / "checkpoint.pt").unlink()
     assert not evaluated_elsewhere(model, HERE, today)  # records only: nothing to evaluate
+
+
+def test_a_finished_run_is_not_trained_again_to_be_evaluated(tmp_path):
+    """Its seconds are kept; only a run with neither records nor weights left trains again
+    (resuming weights copied from another folder would be refused: another tokenizer path)."""
+    (tmp_path / "seconds.json").write_text('{"seconds": 284.5}')
+    calls = []
+    assert _timed(tmp_path, lambda: calls.append(1), trained=True) == 284.5 and not calls
+    assert _timed(tmp_path, lambda: calls.append(1), trained=False) == 284.5 and calls == [1]
