@@ -19,8 +19,9 @@ A seed is the unit of pairing, so all of a seed's runs must start from the same 
 (text encoder, vocabulary, manifests), and another machine may remake the shared text
 encoder with other bits. Every run records the hashes of its inputs (``inputs.json``); a
 recorded run from other inputs than today's is reused only as part of a complete seed
-from one set of inputs, otherwise it is set aside (``seed<n>.other-inputs``) and trained
-again.
+from one set of inputs evaluated on today's evaluation set, otherwise it is set aside
+(``seed<n>.other-inputs``) and trained again. A run trained from today's inputs whose
+evaluations were made on another evaluation set is evaluated again from its weights.
 """
 
 from __future__ import annotations
