@@ -190,19 +190,29 @@ def stale_runs(started: dict[Path, Optional[dict[str, str]]], inputs: dict[str, 
     return [run for run, recorded in started.items() if recorded != inputs]
 
 
+def _aside_name(path: Path, label: str) -> Path:
+    """``<path>.<label>``, numbered from 2 when that is taken: what was set aside before stays."""
+    aside, n = path.with_name(f"{path.name}.{label}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{label}-{n}")
+    return aside
+
+
 def _set_aside(run: Path, inputs: dict[str, str]) -> None:
     recorded = _recorded_inputs(run) or {}
     changed = [k for k in sorted(set(recorded) | set(inputs)) if recorded.get(k) != inputs.get(k)]
-    aside = run.with_name(f"{run.name}.other-inputs")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = run.with_name(f"{run.name}.other-inputs-{n}")
+    aside = _aside_name(run, "other-inputs")
     log.warning("%s started from other inputs than this experiment's (%s): it cannot be paired with the seed's "
                 "new runs, so it is moved to %s and trained again", run, ", ".join(
                     f"{k} {recorded.get(k, 'unknown')[:8]} here {inputs.get(k, 'none')[:8]}" for k in changed),
                 aside.name)
     run.rename(aside)
+
+
+def _weights(variant: Variant, run: Path) -> Path:
+    """Where a run keeps its final weights and evaluations: a federation exports them to ``model/``."""
+    return run if variant.kind == "centralized" else run / "model"
 
 
 def evaluated_elsewhere(model: Path, recorded: Optional[dict[str, str]], inputs: dict[str, str]) -> bool:
@@ -216,16 +226,13 @@ def evaluated_elsewhere(model: Path, recorded: Optional[dict[str, str]], inputs:
             and trained_from(recorded) == trained_from(inputs) and (model / "checkpoint.pt").is_file())
 
 
-def _evaluate_again(run: Path, model: Path, inputs: dict[str, str]) -> None:
+def _evaluate_again(run: Path, model: Path, recorded: dict[str, str], inputs: dict[str, str]) -> None:
     """Set the run's evaluations aside (``eval-<norm>.other-eval-set``) and record today's
-    inputs, so that the seed loop evaluates its weights on this experiment's set."""
-    old = (_recorded_inputs(run) or {}).get("eval_manifest", "none")
+    inputs (``recorded``: the run's own), so that the seed loop evaluates its weights on this
+    experiment's set."""
+    old = recorded.get("eval_manifest", "none")
     for records in sorted(p for p in model.glob("eval-*") if p.is_dir() and "." not in p.name):
-        aside, n = records.with_name(f"{records.name}.other-eval-set"), 1
-        while aside.exists():
-            n += 1
-            aside = records.with_name(f"{records.name}.other-eval-set-{n}")
-        records.rename(aside)
+        records.rename(_aside_name(records, "other-eval-set"))
     _write_inputs(run, inputs)
     log.warning("%s was evaluated on another evaluation set (eval_manifest %s here %s): its weights are kept and "
                 "evaluated again", run, old[:8], inputs.get("eval_manifest", "none")[:8])
@@ -295,9 +302,9 @@ def run_experiment(
     for seed in seeds:
         runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
         for variant, run in zip(suite.variants, runs):
-            model = run if variant.kind == "centralized" else run / "model"
-            if evaluated_elsewhere(model, _recorded_inputs(run), inputs):
-                _evaluate_again(run, model, inputs)
+            recorded = _recorded_inputs(run)
+            if evaluated_elsewhere(_weights(variant, run), recorded, inputs):
+                _evaluate_again(run, _weights(variant, run), recorded, inputs)
         for run in stale_runs(started_runs(runs), inputs, len(runs)):
             _set_aside(run, inputs)
         for variant, run in zip(suite.variants, runs):
@@ -308,7 +315,7 @@ def run_experiment(
             members = variant.sites or sites
             vcfg = load_config(preset, common)
             budget = vcfg.fed.rounds * vcfg.fed.local_steps * len(parse_sites(members))
-            model = run if variant.kind == "centralized" else run / "model"
+            model = _weights(variant, run)
             trained = (all((model / f"eval-{norm}" / "eval.json").is_file() for norm in suite.eval_norms)
                        or (model / "checkpoint.pt").is_file())  # with seconds.json: the final weights
             if variant.kind == "centralized":  # the federation's total site steps, in one run

@@ -102,7 +102,7 @@ def test_runs_evaluated_on_another_set_are_evaluated_again_not_trained_again(tmp
     model = _trained(run, HERE, norms=("community", "global"))
     assert evaluated_elsewhere(model, HERE, today)
     with caplog.at_level(logging.WARNING):
-        _evaluate_again(run, model, today)
+        _evaluate_again(run, model, HERE, today)
     assert (model / "checkpoint.pt").is_file() and not (model / "eval-community").exists()
     assert (model / "eval-community.other-eval-set" / "eval.json").is_file()
     assert (model / "eval-global.other-eval-set").is_dir()
@@ -111,7 +111,7 @@ def test_runs_evaluated_on_another_set_are_evaluated_again_not_trained_again(tmp
     assert not evaluated_elsewhere(model, today, today)  # done once
     assert evaluated_elsewhere(model, today, HERE)  # and back to the test split
     (model / "eval-community").mkdir()
-    _evaluate_again(run, model, HERE)
+    _evaluate_again(run, model, today, HERE)
     assert (model / "eval-community.other-eval-set-2").is_dir()
 
 
