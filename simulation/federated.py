@@ -80,19 +80,73 @@ def tagged_processes(tag: str) -> list[int]:
     return pids
 
 
+def _process_groups() -> dict[int, int]:
+    """Process group of every live, non-zombie process, by PID (``/proc/<pid>/stat``)."""
+    groups = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            groups[int(entry)] = int(pgrp)
+    return groups
+
+
 def stop_tagged(tag: str, grace: float = 10.0) -> None:
-    """SIGTERM every tagged process, SIGKILL what is left after ``grace`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in tagged_processes(tag):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while tagged_processes(tag) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not tagged_processes(tag):
-            return
+    """SIGTERM every tagged process and every process in their process groups, SIGKILL
+    what is left after ``grace`` seconds.
+
+    The tag alone does not find them all: Ray's agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) rename themselves over the memory that /proc shows as their
+    environment, and outlive their raylet; they stay in the process group that Flower's
+    SuperExec made, with the raylet. Our own group (this process, its ``flwr run``) is
+    never signalled as a group. A second Ctrl-C or ``kill`` meanwhile waits until this is
+    done: cut short, it would leave processes behind."""
+    groups: set[int] = set()
+
+    def alive() -> set[int]:
+        by_pid = _process_groups()
+        tagged = set(tagged_processes(tag))
+        groups.update(by_pid[pid] for pid in tagged if pid in by_pid)
+        groups.discard(os.getpgrp())
+        return tagged | {pid for pid, group in by_pid.items() if group in groups and pid != os.getpid()}
+
+    with _signals_deferred():
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in alive():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not alive():
+                return
+        log.warning("processes of simulation %s still alive after SIGKILL: %s", tag, sorted(alive()))
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are delivered when it ends."""
+    arrived: list[int] = []
+    try:
+        previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):
+            signal.raise_signal(sig)
 
 
 @contextmanager

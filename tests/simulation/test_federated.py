@@ -125,37 +125,50 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     assert [p.parent for p in out.glob("*/seed1/**/checkpoint.pt")] == [moved]
 
 
-def test_a_terminated_simulation_stops_what_it_started(tmp_path):
-    """`kill` (SIGTERM) of `medunic simulate` mid-run leaves no SuperLink, flwr or Ray behind."""
+@pytest.mark.parametrize("stop", ["kill", "ctrl-c twice"])
+def test_a_terminated_simulation_stops_what_it_started(tmp_path, stop):
+    """`kill` (SIGTERM) of `medunic simulate` mid-run, or Ctrl-C pressed twice in its terminal
+    (SIGINT to its whole process group, the second during the cleanup the first began),
+    leaves no SuperLink, flwr or Ray behind: none of the processes it had started by then,
+    found by parentage (Ray's agents overwrite the environment /proc shows), and none that
+    carries its FLWR_HOME."""
     import signal
     import sys
     import time
+
+    from tests.deployment.loopback import descendants, processes, send_signal
 
     flwr_home = tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "medunic_core.cli", "simulate", "--no-progress", "--sites", "en-1:en", "--rounds", "50",
          "--pairs-per-site", "40", f"fed.out_dir={tmp_path / 'fed'}", "train.batch_size=8", "vocab.vocab_size=300"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = lambda: [p for p in os.listdir("/proc") if p.isdigit() and p != str(proc.pid)  # noqa: E731
-                       and _has_env(p, f"FLWR_HOME={flwr_home}")]
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
     deadline = time.monotonic() + 120
-    while not any("flwr-simulation" in _cmdline(p) for p in started()):  # until the run is under way
+    while not any(argv[0].startswith("ray::") for argv in descendants(proc.pid).values() if argv):  # Ray is up
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            pytest.fail("the simulation did not start within 120 s")
+            pytest.fail("the simulation did not start Ray within 120 s")
         time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
+    time.sleep(2)
+    before = descendants(proc.pid)
+    if stop == "kill":
+        proc.send_signal(signal.SIGTERM)
+    else:  # as a terminal does: the foreground group, `medunic simulate` and its `flwr run`
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) != 0
+
+    def alive() -> dict[int, list[str]]:
+        return {pid: argv for pid, (_, state, argv) in processes().items() if state != "Z" and (
+            pid in before or _has_env(str(pid), f"FLWR_HOME={flwr_home}"))}
+
     deadline = time.monotonic() + 30
-    while started() and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert started() == []
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+    left = alive()
+    for pid in left:  # so that a failure leaves nothing running either
+        send_signal(pid, signal.SIGKILL)
+    assert any("raylet" in " ".join(argv) for argv in before.values()) and left == {}
