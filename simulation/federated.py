@@ -21,9 +21,9 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medunic_core.cli import add_config_args, subprocess_env
 from medunic_core.config import load_config
@@ -131,13 +131,12 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside the block are delivered when it ends."""
-    arrived: list[int] = []
+def _handlers(handlers: dict[int, Callable[[int, Any], None]]) -> Iterator[None]:
+    """These signal handlers inside the block, the previous ones again after it; nothing
+    off the main thread, where signals cannot be handled."""
     try:
-        previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: signals cannot be handled here
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    except ValueError:
         yield
         return
     try:
@@ -145,26 +144,27 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are delivered when it ends."""
+    arrived: list[int] = []
+    try:
+        with _handlers({sig: lambda signum, frame: arrived.append(signum) for sig in (signal.SIGINT, signal.SIGTERM)}):
+            yield
+    finally:
         for sig in dict.fromkeys(arrived):
             signal.raise_signal(sig)
 
 
-@contextmanager
-def _terminate_as_exit() -> Iterator[None]:
+def _terminate_as_exit() -> AbstractContextManager[None]:
     """SIGTERM (``kill``, a service manager, a CI timeout) ends the block through its
     ``finally`` clauses, like Ctrl-C, instead of leaving what it started running."""
     def _exit(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    try:
-        previous = signal.signal(signal.SIGTERM, _exit)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _handlers({signal.SIGTERM: _exit})
 
 
 @contextmanager
