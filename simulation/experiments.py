@@ -302,9 +302,9 @@ def run_experiment(
     for seed in seeds:
         runs = [root / _slug(variant.name) / f"seed{seed}" for variant in suite.variants]
         for variant, run in zip(suite.variants, runs):
-            recorded = _recorded_inputs(run)
-            if evaluated_elsewhere(_weights(variant, run), recorded, inputs):
-                _evaluate_again(run, _weights(variant, run), recorded, inputs)
+            model, recorded = _weights(variant, run), _recorded_inputs(run)
+            if evaluated_elsewhere(model, recorded, inputs):
+                _evaluate_again(run, model, recorded, inputs)
         for run in stale_runs(started_runs(runs), inputs, len(runs)):
             _set_aside(run, inputs)
         for variant, run in zip(suite.variants, runs):

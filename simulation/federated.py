@@ -123,11 +123,11 @@ def stop_tagged(tag: str, grace: float = 10.0) -> None:
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + grace
-            while alive() and time.monotonic() < deadline:
+            while (left := alive()) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if not alive():
+            if not left:
                 return
-        log.warning("processes of simulation %s still alive after SIGKILL: %s", tag, sorted(alive()))
+        log.warning("processes of simulation %s still alive after SIGKILL: %s", tag, sorted(left))
 
 
 @contextmanager
