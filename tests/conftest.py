@@ -5,6 +5,7 @@ run config for two sites, and the task identity messages built outside Flower's 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import json
@@ -18,6 +19,12 @@ from medunic_core.cli import OFFLINE_ENV
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.update({**OFFLINE_ENV, "FLWR_HOME": str(ROOT / ".flwr-test")})
+# Ctrl-C as in a terminal, however the tests were started. A background job of a
+# non-interactive shell (`make test &` in a script, some CI runners) starts with SIGINT
+# ignored; Python then keeps ignoring it and every process a test starts inherits that, so
+# the tests of what Ctrl-C does would see it do nothing (a "hang", a "DID NOT RAISE").
+# A handler, unlike SIG_IGN, is not inherited: children start with the default again.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -125,10 +125,13 @@ def test_experiment_runner_writes_one_table_of_all_variants(tmp_path, monkeypatc
     assert [p.parent for p in out.glob("*/seed1/**/checkpoint.pt")] == [moved]
 
 
-def test_a_terminated_simulation_stops_what_it_started(tmp_path):
-    """`kill` (SIGTERM) of `medunic simulate` mid-run leaves no SuperLink, flwr or Ray behind:
-    none of the processes it had started by then, found by parentage (Ray's agents overwrite
-    the environment /proc shows), and none that carries its FLWR_HOME."""
+@pytest.mark.parametrize("stop", ["kill", "ctrl-c twice"])
+def test_a_terminated_simulation_stops_what_it_started(tmp_path, stop):
+    """`kill` (SIGTERM) of `medunic simulate` mid-run, or Ctrl-C pressed twice in its terminal
+    (SIGINT to its whole process group, the second during the cleanup the first began),
+    leaves no SuperLink, flwr or Ray behind: none of the processes it had started by then,
+    found by parentage (Ray's agents overwrite the environment /proc shows), and none that
+    carries its FLWR_HOME."""
     import signal
     import sys
     import time
@@ -150,7 +153,12 @@ def test_a_terminated_simulation_stops_what_it_started(tmp_path):
         time.sleep(1)
     time.sleep(2)
     before = descendants(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    if stop == "kill":
+        proc.send_signal(signal.SIGTERM)
+    else:  # as a terminal does: the foreground group, `medunic simulate` and its `flwr run`
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)
     try:
         assert proc.wait(timeout=60) != 0
     except subprocess.TimeoutExpired:
