@@ -143,6 +143,14 @@ def format_eval_markdown(results: Results) -> str:
             rows = [[lang, m.get("macro_auc")] + [m.get("auc", {}).get(f) for f in findings]
                     for lang, m in by_reports.items()]
             lines += _table(["lang (reports)", "macro AUC"] + [f"AUC {f}" for f in findings], rows) + [""]
+        unseen = {lang: by for lang, by in results.get("unseen_prompt_words", {}).items() if by}
+        if unseen:
+            lines += ["Prompt words that no training report of the prompt's language uses: training never "
+                      "placed them in context, so these prompts partly score initialisation. Adapt their "
+                      "wording (configs/prompts.yaml) to how the community writes its reports.", ""]
+            rows = [[lang, key, phrase, ", ".join(words)] for lang, by in unseen.items()
+                    for key, phrases in by.items() for phrase, words in phrases.items()]
+            lines += _table(["lang", "finding.side", "prompt", "unseen words"], rows) + [""]
 
     retrieval = results.get("retrieval", {})
     if retrieval:

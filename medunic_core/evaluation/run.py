@@ -28,7 +28,7 @@ from medunic_core.data.preprocess import ImageCache
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.bias import community_bias
 from medunic_core.evaluation.linear_probe import dp_linear_probe, linear_probe
-from medunic_core.evaluation.prompts import load_prompts
+from medunic_core.evaluation.prompts import load_prompts, unseen_prompt_words
 from medunic_core.evaluation.report import format_eval_markdown, plot_tsne, write_eval_report
 from medunic_core.evaluation.retrieval import cross_lingual_retrieval
 from medunic_core.evaluation.zeroshot import (
@@ -245,6 +245,16 @@ def evaluate_model(
     for lang in prompt_langs:
         pos, neg = _prompt_embeddings(encoder, prompts, lang)
         results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
+    if full and train_reported:
+        results["unseen_prompt_words"] = {
+            lang: unseen_prompt_words(prompts[lang], [r.report for r in train_reported if r.lang == lang],
+                                      tokenizer) for lang in prompt_langs}
+        for lang, unseen in results["unseen_prompt_words"].items():
+            if unseen:
+                log.warning("%s prompts use words no %s training report contains (untrained in context; "
+                            "adapt configs/prompts.yaml to the reports' wording): %s", lang, lang,
+                            "; ".join(f"{key} '{phrase}': {', '.join(words)}" for key, by in unseen.items()
+                                      for phrase, words in by.items()))
     if not reported:
         log.info("no %s row has a report (label-only data): skipping retrieval, bias and t-SNE", cfg.eval.split)
     else:
