@@ -63,3 +63,8 @@ def test_an_evaluation_takes_its_held_out_rows_from_the_fixed_set(synthetic_data
     report = (tmp_path / "eval" / "eval.md").read_text()
     assert "| reports (P_l) |" in report and "| images (P_V) |" in report
     assert "| lang (reports) |" in report
+    # the shipped prompts use words the tiny synthetic reports never write ("cm", "opacidad"):
+    # named per language, prompt and word, in the JSON and in eval.md
+    unseen = results["unseen_prompt_words"]
+    assert set(unseen) == {"en", "es"} and "cm" in unseen["es"]["nodule.positive"]["nódulo pulmonar de 1 cm"]
+    assert "| es | nodule.positive | nódulo pulmonar de 1 cm |" in report
