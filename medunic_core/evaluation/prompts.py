@@ -8,15 +8,15 @@ skipped class.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from transformers import PreTrainedTokenizerFast
 
 from medunic_core.config import CONFIG_DIR
 from medunic_core.constants import FINDINGS, LANGUAGES
 from medunic_core.errors import ConfigError
+from medunic_core.vocab import document_frequencies
 
 PROMPTS_FILE = CONFIG_DIR / "prompts.yaml"
 SIDES: tuple[str, ...] = ("positive", "negative")
@@ -83,33 +83,23 @@ def load_prompts(
     return prompts
 
 
-def words_of(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
-    """The words of ``text`` as the tokenizer normalises and splits them before WordPiece
-    (lower case, accents stripped where it strips them), so that a word outside its
-    vocabulary is still named, not ``[UNK]``."""
-    backend = tokenizer.backend_tokenizer
-    if backend.normalizer is not None:
-        text = backend.normalizer.normalize_str(text)
-    if backend.pre_tokenizer is None:
-        return text.split()
-    return [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
-
-
 def unseen_prompt_words(
-    prompts: dict[str, dict[str, list[str]]], reports: Iterable[str], tokenizer: PreTrainedTokenizerFast
+    prompts: dict[str, dict[str, list[str]]], reports: Iterable[str], split_words: Callable[[str], list[str]]
 ) -> dict[str, dict[str, list[str]]]:
     """For one language's prompts, the words that no training report of that language uses:
-    ``{"finding.side": {prompt: [words]}}``, only prompts with such words.
+    ``{"finding.side": {prompt: [words]}}``, only prompts with such words. ``split_words``
+    is the tokenizer's :func:`medunic_core.vocab.word_splitter`, so that a word outside the
+    vocabulary is still named, not ``[UNK]``.
 
     Training never gives those words' embeddings a gradient in context, so a prompt that
     leans on them scores with what initialisation left there: adapt its wording to how the
     community writes its reports (the prompt file's purpose)."""
-    seen = {w for report in reports for w in words_of(tokenizer, report)}
+    seen = document_frequencies(reports, split_words)
     out: dict[str, dict[str, list[str]]] = {}
     for finding, sides in prompts.items():
         for side, phrases in sides.items():
             for phrase in phrases:
-                unseen = list(dict.fromkeys(w for w in words_of(tokenizer, phrase) if w not in seen))
+                unseen = list(dict.fromkeys(w for w in split_words(phrase) if w not in seen))
                 if unseen:
                     out.setdefault(f"{finding}.{side}", {})[phrase] = unseen
     return out

@@ -36,7 +36,7 @@ from medunic_core.evaluation.zeroshot import (
 )
 from medunic_core.models import MedUniC, create_model
 from medunic_core.train import forward_loss, resolve_device
-from medunic_core.vocab import load_tokenizer
+from medunic_core.vocab import load_tokenizer, word_splitter
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,10 @@ def evaluate_model(
         pos, neg = _prompt_embeddings(encoder, prompts, lang)
         results["zeroshot"][lang] = zeroshot_metrics(img_emb, pos, neg, labels, cfg.loss.temperature)
     if full and train_reported:
+        split_words = word_splitter(tokenizer)
         results["unseen_prompt_words"] = {
             lang: unseen_prompt_words(prompts[lang], [r.report for r in train_reported if r.lang == lang],
-                                      tokenizer) for lang in prompt_langs}
+                                      split_words) for lang in prompt_langs}
         for lang, unseen in results["unseen_prompt_words"].items():
             if unseen:
                 log.warning("%s prompts use words no %s training report contains (untrained in context; "

@@ -15,7 +15,7 @@ from medunic_core.data.manifest import Record
 from medunic_core.errors import ConfigError
 from medunic_core.evaluation.bias import community_bias, mean_distance_over_spread
 from medunic_core.evaluation.linear_probe import linear_probe, stratified_subsample
-from medunic_core.evaluation.prompts import load_prompts, unseen_prompt_words, words_of
+from medunic_core.evaluation.prompts import load_prompts, unseen_prompt_words
 from medunic_core.evaluation.retrieval import chance_recall, cross_lingual_retrieval, recall_at_k
 from medunic_core.evaluation.zeroshot import (
     class_embedding,
@@ -59,20 +59,21 @@ def test_load_prompts_bad_side_is_a_config_error(tmp_path: Path) -> None:
 
 def test_unseen_prompt_words_names_the_words_no_report_of_the_language_uses(tmp_path: Path) -> None:
     from medunic_core.config import load_config
-    from medunic_core.vocab import build_tokenizer
+    from medunic_core.vocab import build_tokenizer, word_splitter
 
     reports = ["sin nódulos", "nódulo pulmonar de 12 mm en base derecha", "no se observan nódulos"] * 3
     cfg = load_config("tiny", ["vocab.vocab_size=120", "vocab.min_df=1"])
     tokenizer = build_tokenizer(cfg.vocab, [(r, "es") for r in reports], tmp_path / "tok", 32)
-    # WordPiece pieces are joined back into the normalised word (accents stripped)
-    assert words_of(tokenizer, "Nódulos pulmonares") == ["nodulos", "pulmonares"]
+    # words as the tokenizer normalises them (accents stripped), whole even outside its vocabulary
+    split_words = word_splitter(tokenizer)
+    assert split_words("Nódulos pulmonares") == ["nodulos", "pulmonares"]
     prompts = {"nodule": {"positive": ["nódulo pulmonar", "opacidad redondeada"],
                           "negative": ["sin nódulos pulmonares"]}}
-    assert unseen_prompt_words(prompts, reports, tokenizer) == {
+    assert unseen_prompt_words(prompts, reports, split_words) == {
         "nodule.positive": {"opacidad redondeada": ["opacidad", "redondeada"]},
         "nodule.negative": {"sin nódulos pulmonares": ["pulmonares"]},
     }
-    assert unseen_prompt_words(prompts, reports + ["opacidad redondeada", "pulmonares"], tokenizer) == {}
+    assert unseen_prompt_words(prompts, reports + ["opacidad redondeada", "pulmonares"], split_words) == {}
 
 
 # --- zero-shot -------------------------------------------------------------------------
