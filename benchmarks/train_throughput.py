@@ -3,6 +3,7 @@
 Runs forward + backward + AdamW step on random tensors of the preset's shapes, so only
 the model and losses are measured (see data_pipeline.py for the input side). Rows:
 - full: L_CVL + L_SSV + L_CTR (two text passes), the training objective;
+- no SSV: L_CVL + L_CTR, the strong view not encoded (what ``loss.ssv_weight=0`` runs);
 - no CTR: L_CVL + L_SSV, one text pass (the cost of CTR is the difference);
 - CLIP only: L_CVL on the weak view, the baseline every VLP method pays.
 
@@ -25,7 +26,8 @@ VOCAB = 2000
 
 
 def measure(preset: str, overrides: list[str], variant: str, steps: int, warmup: int) -> tuple[float, float]:
-    cfg = load_config(preset, [*overrides, f"loss.ctr={variant == 'full'}"])
+    cfg = load_config(preset, [*overrides, f"loss.ctr={variant in ('full', 'no SSV')}",
+                               f"loss.ssv_weight={0 if variant == 'no SSV' else 1}"])
     torch.manual_seed(0)
     model = create_model(cfg.model, VOCAB).train()
     opt = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
@@ -41,7 +43,8 @@ def measure(preset: str, overrides: list[str], variant: str, steps: int, warmup:
             t = model.encode_text(ids, mask)
             loss = infonce(v, t, cfg.loss.temperature)
         else:
-            out = model(images, images.flip(-1), ids, mask, ctr=cfg.loss.ctr)
+            strong = images.flip(-1) if cfg.loss.ssv_weight else None
+            out = model(images, strong, ids, mask, ctr=cfg.loss.ctr)
             loss = medunic_loss(out, cfg.loss)["loss"]
         loss.backward()
         opt.step()
@@ -62,7 +65,7 @@ def main() -> None:
     cfg = load_config(args.preset, args.overrides)
     print(f"preset {args.preset}: batch {cfg.train.batch_size}, image {cfg.model.image.size}px, "
           f"text {cfg.model.text.max_length} tokens, torch threads {torch.get_num_threads()}")
-    variants = ("full", "no CTR", "CLIP only")
+    variants = ("full", "no SSV", "no CTR", "CLIP only")
     rows = [(v, *measure(args.preset, args.overrides, v, args.steps, args.warmup)) for v in variants]
     base = rows[0][1]
     print("\n| variant | pairs/s | ms/step | vs full |\n|---|---:|---:|---:|")

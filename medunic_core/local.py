@@ -87,7 +87,7 @@ def train_site(
     if len(records) < tr.batch_size:
         raise SiteDataError(f"{len(records)} training pairs are fewer than one batch of {tr.batch_size}")
     stream = pair_stream(records, cache, tokenizer, tr.batch_size, tr.accum_steps, cfg.model.text.max_length,
-                         cfg.model.image, tr.seed, cfg.data.num_workers)
+                         cfg.model.image, tr.seed, cfg.data.num_workers, strong_view=cfg.loss.ssv_weight > 0)
     previous = carried.load(server_round) if carried is not None else None
     if previous is not None:
         stream.epoch, stream.batch = previous["stream"]
@@ -146,7 +146,7 @@ def collect_statistics(
     the distinct pairs behind them per language."""
     records, _ = prepare_images(records, cache, progress=False)
     stream = pair_stream(records, cache, tokenizer, cfg.train.batch_size, 1, cfg.model.text.max_length,
-                         cfg.model.image, cfg.train.seed, cfg.data.num_workers)
+                         cfg.model.image, cfg.train.seed, cfg.data.num_workers, strong_view=cfg.loss.ssv_weight > 0)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device).train()
     aligner = Aligner(model, mode="local", include_image=cfg.align.image)

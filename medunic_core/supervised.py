@@ -57,7 +57,7 @@ def train_supervised(cfg: MedUniCConfig, out_dir: str | Path, progress: bool = T
     records, _ = prepare_images(train_records(cfg, require_report=False), cache, cfg.data.max_bad_fraction, progress=progress)
     labels = torch.tensor(label_matrix(records), dtype=torch.float32)
     stream = pair_stream(records, cache, None, tr.batch_size, tr.accum_steps, 0, cfg.model.image, tr.seed,
-                         cfg.data.num_workers)
+                         cfg.data.num_workers, strong_view=False)
     if stream.per_epoch == 0:
         raise ConfigError(f"{len(records)} training images give no step with batch_size={tr.batch_size}")
     steps = tr.max_steps if tr.max_steps > 0 else tr.epochs * stream.per_epoch // tr.accum_steps

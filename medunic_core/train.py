@@ -94,7 +94,7 @@ def forward_loss(
     with autocast():
         out = net(
             batch["image"].to(device),
-            batch["image_strong"].to(device),
+            batch["image_strong"].to(device) if "image_strong" in batch else None,
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             ctr=cfg.loss.ctr,
@@ -170,7 +170,8 @@ def train(cfg: MedUniCConfig, progress: bool = True, stop_at_step: Optional[int]
 
     tr = cfg.train
     stream = pair_stream(records, cache, tokenizer, tr.batch_size, tr.accum_steps, cfg.model.text.max_length,
-                         cfg.model.image, tr.seed, cfg.data.num_workers, world.rank, world.world_size)
+                         cfg.model.image, tr.seed, cfg.data.num_workers, world.rank, world.world_size,
+                         strong_view=cfg.loss.ssv_weight > 0)
     steps_per_epoch = stream.per_epoch // tr.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(

@@ -175,8 +175,10 @@ class PairCollator:
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {key: [it[key] for it in items] for key in items[0]}
-        drawn = {key: torch.stack(batch.pop(key)) for key in ("image", "image_strong", "jitter")}
-        batch["image"], batch["image_strong"] = self.views.finish(drawn)
+        drawn = {key: torch.stack(batch.pop(key)) for key in ("image", "image_strong", "jitter") if key in batch}
+        batch["image"], strong = self.views.finish(drawn)
+        if strong is not None:
+            batch["image_strong"] = strong
         batch["index"] = torch.tensor(batch["index"])
         if self.tokenizer is None:
             return batch
@@ -190,13 +192,14 @@ class PairCollator:
 
 def pair_stream(records: Sequence[Record], cache: ImageCache, tokenizer: Optional[Callable], batch_size: int,
                 accum_steps: int, max_length: int, image: Any, seed: int, num_workers: int = 0, rank: int = 0,
-                world_size: int = 1) -> EpochStream:
+                world_size: int = 1, *, strong_view: bool = True) -> EpochStream:
     """The training batches of every trainer (centralized, a site's round): two views per
     image and the tokenized reports, full batches only (BatchNorm heads and CTR need them),
     whole accumulation groups per epoch, order and views from ``seed`` alone. ``image`` is
-    the model's image config (size, mean, std). The stream starts at epoch 0, batch 0; a
-    resume sets ``epoch`` and ``batch``."""
-    views = TwoViewTransform(image.size, image.mean, image.std)
+    the model's image config (size, mean, std). Without ``strong_view`` the batches hold
+    the weak view only (``image_strong`` is absent): for runs without L_SSV and for image-only
+    training. The stream starts at epoch 0, batch 0; a resume sets ``epoch`` and ``batch``."""
+    views = TwoViewTransform(image.size, image.mean, image.std, strong=strong_view)
     dataset = PairDataset(records, cache, views, seed)
     sampler = EpochSampler(len(dataset), seed, rank, world_size)
     loader = DataLoader(

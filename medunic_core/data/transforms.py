@@ -12,6 +12,7 @@ report still says "left pleural effusion".
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -204,7 +205,11 @@ class TwoViewTransform:
     """The two training views of a cached uint8 HxW image, in two stages so that a batch
     pays the costly part once: :meth:`draw` per sample (every random draw, the crops) in
     the dataset, :meth:`finish` per batch (warp, autocontrast, normalisation) in the
-    collator. ``transform(img, generator)`` does both for one image."""
+    collator. ``transform(img, generator)`` does both for one image.
+
+    With ``strong=False`` only the weak view is made (the strong one is None): a run
+    without L_SSV pays for no view it does not use. The weak view is the same either way,
+    because it is drawn first from the sample's own generator."""
 
     def __init__(
         self,
@@ -214,8 +219,10 @@ class TwoViewTransform:
         *,
         weak_scale: tuple[float, float] = WEAK_SCALE,
         strong_scale: tuple[float, float] = STRONG_SCALE,
+        strong: bool = True,
     ) -> None:
         self.size = size
+        self.strong = strong
         self.mean = mean
         self.std = std
         self.weak_scale = weak_scale
@@ -225,24 +232,28 @@ class TwoViewTransform:
         """One sample's part: the weak crop, the strong crop and its jitter matrix, drawn in
         that order (the order :func:`weak_view` then :func:`strong_view` draw in)."""
         weak = random_resized_crop(img, self.size, generator, self.weak_scale, WEAK_RATIO)
+        if not self.strong:
+            return {"image": weak}
         strong = random_resized_crop(img, self.size, generator, self.strong_scale, STRONG_RATIO)
         jitter = torch.tensor(sample_jitter(self.size, generator), dtype=torch.float64)
         return {"image": weak, "image_strong": strong, "jitter": jitter}
 
-    def finish(self, drawn: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self, drawn: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A batch's part, on :meth:`draw`'s outputs stacked (B x 1 x S x S crops, B x 6
         matrices): both views as float32 B x 3 x S x S, each image's values exactly those
-        of :func:`weak_view` and :func:`strong_view`."""
-        return (to_model_input(drawn["image"], self.mean, self.std),
-                _finish_strong(drawn["image_strong"], drawn["jitter"], self.mean, self.std))
+        of :func:`weak_view` and :func:`strong_view` (None without the strong view)."""
+        weak = to_model_input(drawn["image"], self.mean, self.std)
+        if not self.strong:
+            return weak, None
+        return weak, _finish_strong(drawn["image_strong"], drawn["jitter"], self.mean, self.std)
 
     def __call__(
         self, img: np.ndarray | torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Both views of one image, each float32 3 x size x size; the weak one is drawn first."""
         weak, strong = self.finish({k: v[None] for k, v in self.draw(img, generator).items()})
-        return weak[0], strong[0]
+        return weak[0], None if strong is None else strong[0]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, mean={self.mean}, std={self.std}, "
-                f"weak_scale={self.weak_scale}, strong_scale={self.strong_scale})")
+                f"weak_scale={self.weak_scale}, strong_scale={self.strong_scale}, strong={self.strong})")

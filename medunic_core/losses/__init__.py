@@ -15,15 +15,19 @@ __all__ = ["infonce", "tf_loss", "tf_loss_from_c", "tt_loss", "medunic_loss", "c
 def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Named loss parts from the model's embeddings, plus their weighted sum ``loss``.
 
-    Every part is returned (also with weight 0) so that logs always show the same keys.
+    Every part is returned (also with weight 0) so that logs always show the same keys,
+    except L_SSV when its weight is 0 and the model was given no strong view (training
+    then skips that view's encoding, about half the image encoder's work).
     A federated site in ``align.train_norm=mixed`` puts the mixed cross-correlation in
     ``out["ctr_c"]``; L_TF then uses it instead of the batch's own C.
     """
-    parts = {
-        "cvl_loss": infonce(out["image"], out["text"], cfg.temperature),
-        "ssv_loss": infonce(out["image"], out["image_strong"], cfg.temperature),
-    }
-    total = cfg.cvl_weight * parts["cvl_loss"] + cfg.ssv_weight * parts["ssv_loss"]
+    parts = {"cvl_loss": infonce(out["image"], out["text"], cfg.temperature)}
+    total = cfg.cvl_weight * parts["cvl_loss"]
+    if cfg.ssv_weight or "image_strong" in out:
+        if "image_strong" not in out:
+            raise ValueError(f"loss.ssv_weight={cfg.ssv_weight:g} needs the strong image view; the batch has none")
+        parts["ssv_loss"] = infonce(out["image"], out["image_strong"], cfg.temperature)
+        total = total + cfg.ssv_weight * parts["ssv_loss"]
     if cfg.ctr:
         if "ctr_c" in out:
             parts["tf_loss"] = tf_loss_from_c(out["ctr_c"], cfg.ctr_lambda, cfg.tf_denom)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -33,25 +35,25 @@ class MedUniC(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        images_strong: torch.Tensor,
+        images_strong: Optional[torch.Tensor],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         ctr: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Embeddings for the three losses.
 
-        Returns ``image`` (weak view) and ``image_strong`` for L_CVL/L_SSV, ``text`` for
+        Returns ``image`` (weak view) and ``image_strong`` for L_CVL/L_SSV (no
+        ``image_strong`` when ``images_strong`` is None: a run without L_SSV), ``text`` for
         L_CVL, and with ``ctr`` the two dropout views ``ctr_a``, ``ctr_b`` = P_d(h_A),
         P_d(h_B) for L_CTR. The two image views go through F_v in one call (F_v has no
         batch statistics for a ViT) but through P_V separately, so that each view is
         standardised over its own batch as in the paper.
         """
         n = images.shape[0]
-        feats = self.image_encoder(torch.cat([images, images_strong]))
-        out = {
-            "image": self.image_head(feats[:n]),
-            "image_strong": self.image_head(feats[n:]),
-        }
+        feats = self.image_encoder(images if images_strong is None else torch.cat([images, images_strong]))
+        out = {"image": self.image_head(feats[:n])}
+        if images_strong is not None:
+            out["image_strong"] = self.image_head(feats[n:])
         h_a = self.text_encoder(input_ids, attention_mask)
         out["text"] = self.text_head(h_a)
         if ctr:

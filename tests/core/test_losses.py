@@ -99,6 +99,37 @@ def test_medunic_loss_sums_weighted_parts_and_respects_ctr_switch():
     assert torch.allclose(parts["loss"], expected)
     off = medunic_loss(out, load_config("tiny", ["loss.ctr=false"]).loss)
     assert "tf_loss" not in off and torch.allclose(off["loss"], off["cvl_loss"] + off["ssv_loss"])
+    weak_only = {k: v for k, v in out.items() if k != "image_strong"}
+    no_ssv = medunic_loss(weak_only, load_config("tiny", ["loss.ssv_weight=0"]).loss)
+    assert "ssv_loss" not in no_ssv and torch.allclose(no_ssv["loss"], no_ssv["cvl_loss"] + no_ssv["ctr_loss"])
+    with pytest.raises(ValueError, match="loss.ssv_weight=1 needs the strong image view"):
+        medunic_loss(weak_only, load_config("tiny").loss)
+
+
+def test_without_ssv_skipping_the_strong_view_changes_no_loss_or_gradient():
+    """The strong view's encoding is skipped at ``loss.ssv_weight=0``; with weight 0 it
+    added nothing to the loss, so the loss and every gradient stay as they were."""
+    cfg = load_config("tiny-cnn", ["loss.ssv_weight=0", "model.image.size=32"])
+    torch.manual_seed(0)
+    model = create_model(cfg.model, vocab_size=50).train()
+    g = torch.Generator().manual_seed(0)
+    images, strong = torch.randn(2, 8, 3, 32, 32, generator=g)
+    ids, mask = torch.randint(5, 50, (8, 12), generator=g), torch.ones(8, 12, dtype=torch.long)
+
+    def loss_and_grads(views):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        parts = medunic_loss(model(images, views, ids, mask), cfg.loss)
+        parts["loss"].backward()
+        return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with_view, grads_with = loss_and_grads(strong)
+    without, grads_without = loss_and_grads(None)
+    assert "ssv_loss" in with_view and "ssv_loss" not in without
+    assert torch.allclose(with_view["loss"], without["loss"], atol=1e-6)
+    assert grads_with.keys() == grads_without.keys()
+    for name, grad in grads_with.items():
+        assert torch.allclose(grad, grads_without[name], atol=1e-6), name
 
 
 def test_gradients_reach_only_trainable_parameters():

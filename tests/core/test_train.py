@@ -48,6 +48,12 @@ def test_ctr_off_logs_no_ctr_terms(synthetic_data, train_overrides, tmp_path):
     assert "tf_loss" not in result.history[-1] and math.isfinite(result.history[-1]["loss"])
 
 
+def test_ssv_off_trains_on_the_weak_view_only(synthetic_data, train_overrides, tmp_path):
+    cfg = load_config("tiny", train_overrides(synthetic_data, tmp_path / "run", "loss.ssv_weight=0", "train.max_steps=2"))
+    result = train(cfg, progress=False)
+    assert "ssv_loss" not in result.history[-1] and math.isfinite(result.history[-1]["loss"])
+
+
 def test_sampler_shards_disjointly_and_resumes_mid_epoch():
     ranks = [list(EpochSampler(10, seed=3, rank=r, world_size=2)) for r in range(2)]
     assert set(ranks[0]).isdisjoint(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 5

@@ -33,6 +33,12 @@ def test_two_view_transform_same_seed_gives_identical_views(img: np.ndarray) -> 
     assert torch.equal(w1, w2) and torch.equal(s1, s2)
 
 
+def test_without_the_strong_view_the_weak_view_is_unchanged(img: np.ndarray) -> None:
+    both = TwoViewTransform(56)(img, torch.Generator().manual_seed(7))
+    weak, strong = TwoViewTransform(56, strong=False)(img, torch.Generator().manual_seed(7))
+    assert strong is None and torch.equal(weak, both[0])
+
+
 def test_two_view_transform_different_seeds_differ(img: np.ndarray) -> None:
     t = TwoViewTransform(56)
     w1, s1 = t(img, torch.Generator().manual_seed(1))
