@@ -41,10 +41,10 @@ def _federated(run_config, sites: str, manifest: Path, *extra: str) -> tuple[lis
     return [r["train"]["train_loss"] for r in rows], load_checkpoint(out / "server_checkpoint.pt")["arrays"]
 
 
-def _centralized(manifest: Path, synthetic_data: Path, fed_tokenizer: Path, out: Path, train_overrides):
+def _centralized(manifest: Path, synthetic_data: Path, fed_tokenizer: Path, out: Path, train_overrides, *extra: str):
     cfg = load_config("tiny", [*train_overrides(manifest, out), f"train.tokenizer={fed_tokenizer}",
                                f"train.max_steps={ROUNDS * STEPS}", "train.warmup_steps=1",
-                               f"data.cache_dir={synthetic_data.parent / 'cache'}"])
+                               f"data.cache_dir={synthetic_data.parent / 'cache'}", *extra])
     train(cfg, progress=False)
     steps = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [float(np.mean(steps[r * STEPS:(r + 1) * STEPS])) for r in range(ROUNDS)], \
@@ -64,6 +64,18 @@ def test_a_one_site_federation_trains_exactly_as_centralized(synthetic_data, fed
     reset, _ = _federated(run_config, "en-1:en", manifest, "fed.site_optimizer=reset",
                           f"fed.out_dir={tmp_path / 'reset'}")
     assert reset[0] == kept[0] and reset[1:] != kept[1:]
+
+
+def test_without_ssv_a_one_site_federation_still_trains_exactly_as_centralized(synthetic_data, fed_tokenizer, tmp_path,
+                                                                               train_overrides, run_config):
+    """``loss.ssv_weight=0`` skips the strong view in a site's round as in centralized training."""
+    manifest = _one_site(synthetic_data, "en-1")
+    central, weights = _centralized(manifest, synthetic_data, fed_tokenizer, tmp_path / "central", train_overrides,
+                                    "loss.ssv_weight=0")
+    kept, arrays = _federated(run_config, "en-1:en", manifest, "loss.ssv_weight=0")
+    assert kept == central
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, weights[name].numpy(), err_msg=name)
 
 
 def test_a_site_of_both_languages_trains_exactly_as_centralized_on_its_data(synthetic_data, fed_tokenizer, tmp_path,
