@@ -23,11 +23,11 @@ def medunic_loss(out: dict[str, torch.Tensor], cfg: LossConfig) -> dict[str, tor
     """
     parts = {"cvl_loss": infonce(out["image"], out["text"], cfg.temperature)}
     total = cfg.cvl_weight * parts["cvl_loss"]
-    if cfg.ssv_weight or "image_strong" in out:
-        if "image_strong" not in out:
-            raise ValueError(f"loss.ssv_weight={cfg.ssv_weight:g} needs the strong image view; the batch has none")
+    if "image_strong" in out:
         parts["ssv_loss"] = infonce(out["image"], out["image_strong"], cfg.temperature)
         total = total + cfg.ssv_weight * parts["ssv_loss"]
+    elif cfg.ssv_weight:
+        raise ValueError(f"loss.ssv_weight={cfg.ssv_weight:g} needs the strong image view; the batch has none")
     if cfg.ctr:
         if "ctr_c" in out:
             parts["tf_loss"] = tf_loss_from_c(out["ctr_c"], cfg.ctr_lambda, cfg.tf_denom)
